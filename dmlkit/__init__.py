@@ -1,0 +1,13 @@
+"""dmlkit: distributed machine learning on chunked Zarr arrays with Dask.
+
+Every chunk of the data produces a small partial result (partial sums, counts,
+gradients, local neighbours) and the partials are combined by a tree reduction.
+"""
+from __future__ import annotations
+
+from dmlkit.connect import connect
+from dmlkit.data import open_zarr
+from dmlkit.kmeans import KMeans
+
+__all__ = ["KMeans", "connect", "open_zarr"]
+__version__ = "0.1.0"
