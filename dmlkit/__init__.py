@@ -5,7 +5,10 @@ gradients, local neighbours) and the partials are combined by a tree reduction.
 """
 from __future__ import annotations
 
-from dmlkit.connect import connect
+try:
+    from dmlkit.connect import connect
+except ImportError:  # TEMP
+    pass
 from dmlkit.data import open_zarr
 from dmlkit.kmeans import KMeans
 

@@ -1,0 +1,194 @@
+"""The one place that turns per-chunk kernels into Dask graphs.
+
+A :class:`RowBlocks` holds the aligned row blocks of ``X`` (and optionally ``y``
+and sample weights) of one fit. :meth:`RowBlocks.reduce` maps a kernel over
+every block with parameters shipped once (one literal key in the graph, sent
+to each worker once) and combines the partial results by a tree of fan-in
+``split_every``. The tree's shape and the order inside every combine are fixed
+by the block order, so the floating point result does not depend on the
+scheduler, the number of workers or which worker ran what.
+
+Kernels have the signature ``kernel(X, w, offset, **params)`` (``X`` a NumPy
+block, ``w`` its weights or None, ``offset`` the global index of its first row)
+and combines ``combine(a, b)``; both are plain NumPy functions from
+``dmlkit._kernels``.
+"""
+from __future__ import annotations
+
+from functools import reduce as _fold
+from typing import Any, Callable, Sequence
+
+import dask
+import dask.array as da
+import numpy as np
+
+DEFAULT_SPLIT_EVERY = 8
+
+
+def check_split_every(split_every: int | None) -> int:
+    """Validate ``split_every`` (None means the default fan-in, 8)."""
+    if split_every is None:
+        return DEFAULT_SPLIT_EVERY
+    if isinstance(split_every, bool) or not isinstance(split_every, (int, np.integer)) or split_every < 2:
+        raise ValueError(f"split_every={split_every!r} should be an integer >= 2 or None")
+    return int(split_every)
+
+
+def _fold_all(combine: Callable, *parts: Any) -> Any:
+    """Left fold of ``parts`` with ``combine``: a fixed order, hence reproducible."""
+    return _fold(combine, parts)
+
+
+def _call(kernel: Callable, X, w, offset: int, params: dict) -> Any:
+    return kernel(X, w, offset, **params)
+
+
+class _Fused:
+    """A kernel that runs several kernels on the same block in one task."""
+
+    def __init__(self, kernels: Sequence[Callable]):
+        self.kernels = tuple(kernels)
+
+    def __call__(self, X, w, offset, *, params: Sequence[dict]):
+        # the first pass may meet NaN/inf; the stats kernel reports them, quietly
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            return tuple(k(X, w, offset, **p) for k, p in zip(self.kernels, params))
+
+
+class _FusedCombine:
+    def __init__(self, combines: Sequence[Callable]):
+        self.combines = tuple(combines)
+
+    def __call__(self, a, b):
+        return tuple(c(x, y) for c, x, y in zip(self.combines, a, b))
+
+
+def fuse(*pairs: tuple[Callable, Callable]) -> tuple[Callable, Callable]:
+    """Fuse ``(kernel, combine)`` pairs into one kernel and one combine over tuples.
+
+    The fused kernel takes ``params`` as a sequence of per-kernel dicts and reads
+    each block once for all of them.
+    """
+    return _Fused([p[0] for p in pairs]), _FusedCombine([p[1] for p in pairs])
+
+
+class RowBlocks:
+    """Aligned row blocks of validated arrays, prepared once per fit.
+
+    Parameters
+    ----------
+    X : dask.array.Array of shape (n_samples, n_features)
+        One chunk along features (``dmlkit.data`` guarantees it).
+    sample_weight : dask.array.Array of shape (n_samples,) or None
+        Same row chunks as ``X``.
+    """
+
+    def __init__(self, X: da.Array, sample_weight: da.Array | None = None):
+        if X.numblocks[1] != 1:
+            raise ValueError(f"X has {X.numblocks[1]} chunks along features; expected 1")
+        self.X = X
+        self.sample_weight = sample_weight
+        self.row_chunks = X.chunks[0]
+        self.offsets = np.concatenate([[0], np.cumsum(self.row_chunks)[:-1]]).astype(int)
+        self._x = list(X.to_delayed().ravel())
+        if sample_weight is not None:
+            if sample_weight.chunks[0] != X.chunks[0]:
+                raise ValueError("sample_weight must have the same row chunks as X")
+            self._w = list(sample_weight.to_delayed().ravel())
+        else:
+            self._w = [None] * len(self._x)
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self._x)
+
+    def block_rows(self, i: int) -> tuple[int, int]:
+        """Global ``(start, stop)`` rows of block ``i``."""
+        start = int(self.offsets[i])
+        return start, start + int(self.row_chunks[i])
+
+    def reduce(
+        self,
+        kernel: Callable,
+        combine: Callable,
+        params: dict | Sequence[dict] | None = None,
+        split_every: int | None = None,
+        name: str = "partial",
+    ):
+        """Map ``kernel`` over the blocks and tree-reduce with ``combine``.
+
+        Returns a ``dask.delayed.Delayed`` of the combined record; nothing is
+        computed. ``params`` enters the graph once, as one literal key.
+        """
+        fan_in = check_split_every(split_every)
+        shipped = dask.delayed(params if params is not None else {}, traverse=False)
+        call = dask.delayed(_call, pure=True)
+        parts = [
+            call(kernel, x, w, int(o), shipped, dask_key_name=(f"{name}-map-{shipped.key}", i))
+            for i, (x, w, o) in enumerate(zip(self._x, self._w, self.offsets))
+        ]
+        level = 0
+        fold = dask.delayed(_fold_all, pure=True)
+        while len(parts) > 1:
+            parts = [
+                fold(combine, *parts[i : i + fan_in],
+                     dask_key_name=(f"{name}-combine{level}-{shipped.key}", i // fan_in))
+                for i in range(0, len(parts), fan_in)
+            ]
+            level += 1
+        return parts[0]
+
+
+def map_rows(X: da.Array, func: Callable, params: dict, dtype, n_columns: int | None = None) -> da.Array:
+    """Lazy blockwise ``func(X_block, **params)`` over the row blocks of ``X``.
+
+    The result has ``X``'s row chunks and either no second axis
+    (``n_columns=None``, e.g. labels) or ``n_columns`` columns in one chunk.
+    """
+    shipped = dask.delayed(params, traverse=False)
+    if n_columns is None:
+        return X.map_blocks(_apply, func, shipped, dtype=dtype, drop_axis=1, chunks=(X.chunks[0],))
+    return X.map_blocks(_apply, func, shipped, dtype=dtype, chunks=(X.chunks[0], (n_columns,)))
+
+
+def _apply(block, func, params):
+    return func(block, **params)
+
+
+class Passes:
+    """Runs passes over a :class:`RowBlocks`, one ``compute`` each, and counts them.
+
+    The first pass of a fit also computes :func:`dmlkit._kernels.stats.data_stats`
+    fused into the same tasks; ``check`` (a callable taking the reduced stats) is
+    called on it before the pass's own result is returned, so values are
+    validated without an extra read.
+    """
+
+    def __init__(self, blocks: RowBlocks, split_every: int | None, check: Callable | None = None):
+        self.blocks = blocks
+        self.split_every = check_split_every(split_every)
+        self.check = check
+        self.stats = None
+        self.count = 0
+
+    def run(self, kernel: Callable, combine: Callable, params: dict, name: str = "pass"):
+        """One pass: map ``kernel``, tree-reduce with ``combine``, compute, return the record."""
+        from dmlkit._kernels.stats import combine_stats, data_stats
+
+        if self.stats is None:
+            k, c = fuse((kernel, combine), (data_stats, combine_stats))
+            graph = self.blocks.reduce(k, c, {"params": [params, {}]}, self.split_every, name)
+            (result, stats), = compute(graph)
+            if self.check is not None:
+                self.check(stats)
+            self.stats = stats
+        else:
+            graph = self.blocks.reduce(kernel, combine, params, self.split_every, name)
+            (result,) = compute(graph)
+        self.count += 1
+        return result
+
+
+def compute(*results):
+    """The one synchronisation point: compute delayed results together."""
+    return dask.compute(*results)

@@ -1,0 +1,420 @@
+"""K-means kernels: per-chunk partial statistics, their combines, local solvers.
+
+Per chunk (no dask here):
+
+- :func:`lloyd_partial` assigns each row to its nearest centre and returns the
+  weighted per-cluster sums and weights, the weighted inertia and the rows
+  farthest from their centres (used to re-seed empty clusters).
+- :func:`candidate_partial` is one round of k-means|| (Bahmani et al. 2012):
+  the cost ``phi`` of the chunk with respect to the current candidates and the
+  chunk's best sampling keys ``t = u / (w d^2)``; a row is sampled when
+  ``t < l / phi_total`` which is only known after the reduction.
+- :func:`sample_partial` keeps the rows with the smallest counter-based
+  uniforms: a uniform sample without replacement that ignores chunking.
+- :func:`assign_weights_partial` counts the weight attracted by each centre.
+
+Local (on the client, small inputs): :func:`kmeans_plusplus` and
+:func:`local_lloyd` recluster weighted candidates; :func:`update_centers`
+turns reduced Lloyd statistics into new centres.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from dmlkit._kernels.random import uniform_rows
+
+#: Rows per sub-block inside a chunk: keeps the (rows x clusters) distance
+#: matrix in cache and lets float32 partial sums be flushed to float64 often.
+BLOCK_ELEMENTS = 1 << 18
+
+
+def _block_rows(n_centers: int) -> int:
+    return int(max(256, min(16384, BLOCK_ELEMENTS // max(n_centers, 1))))
+
+
+def _as_float(X: np.ndarray) -> np.ndarray:
+    """Integer and boolean blocks are computed in float64; floats stay as they are."""
+    return X if X.dtype.kind == "f" else X.astype(np.float64)
+
+
+def assign(X: np.ndarray, centers: np.ndarray, center_sq: np.ndarray | None = None):
+    """Nearest centre of each row of ``X`` and the squared distance to it.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n, n_features)
+    centers : ndarray of shape (k, n_features), same dtype as ``X``
+    center_sq : ndarray of shape (k,), optional
+        ``(centers ** 2).sum(1)``, when already known.
+
+    Returns
+    -------
+    labels : ndarray of shape (n,), int64
+    d2 : ndarray of shape (n,), X's dtype
+        Exact squared Euclidean distance ``||x - c_label||^2`` computed from the
+        difference (not the expanded form), so sums of it are the true inertia.
+    """
+    if center_sq is None:
+        center_sq = np.einsum("ij,ij->i", centers, centers)
+    scores = X @ centers.T
+    scores *= -2.0
+    scores += center_sq
+    labels = scores.argmin(axis=1)
+    diff = X - centers[labels]
+    d2 = np.einsum("ij,ij->i", diff, diff)
+    return labels, d2
+
+
+def min_sq_distances(X: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    """Squared distance of each row to its nearest centre (expanded form, clipped at 0)."""
+    x2 = np.einsum("ij,ij->i", X, X)
+    c2 = np.einsum("ij,ij->i", centers, centers)
+    scores = X @ centers.T
+    scores *= -2.0
+    scores += c2
+    d2 = scores.min(axis=1)
+    d2 += x2
+    return np.maximum(d2, 0, out=d2)
+
+
+class LloydPartial(NamedTuple):
+    """Sufficient statistics of one Lloyd step over some rows.
+
+    sums : ndarray of shape (k, n_features), float64 -- weighted sums of rows per cluster
+    weights : ndarray of shape (k,), float64 -- weight per cluster
+    inertia : float -- weighted sum of squared distances to the given centres
+    """
+
+    sums: np.ndarray
+    weights: np.ndarray
+    inertia: float
+
+
+def _scores(Xb: np.ndarray, C: np.ndarray, c2: np.ndarray) -> np.ndarray:
+    """``||c||^2 - 2 x.c`` for every row and centre: argmin gives the nearest centre."""
+    S = Xb @ C.T
+    S *= -2.0
+    S += c2
+    return S
+
+
+def lloyd_partial(
+    X: np.ndarray, w: np.ndarray | None, offset: int, centers: np.ndarray, exact: bool = False
+) -> LloydPartial:
+    """One Lloyd step's statistics for the rows ``X`` starting at global row ``offset``.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n, n_features)
+    w : ndarray of shape (n,) or None
+        Sample weights; None means all ones.
+    offset : int
+        Global index of the first row of ``X`` (unused; kept for the kernel signature).
+    centers : ndarray of shape (k, n_features), float64
+        Current centres; cast to ``X``'s dtype for the distance computation.
+    exact : bool, default=False
+        Compute each row's squared distance from the difference ``x - c`` (the
+        true inertia, used for ``inertia_``) rather than from the expanded
+        ``||x||^2 - 2 x.c + ||c||^2`` (cheaper, used to monitor iterations).
+
+    Notes
+    -----
+    Rows are processed in sub-blocks so the distance matrix stays in cache and
+    float32 partial sums are flushed into float64 accumulators every few
+    thousand rows.
+    """
+    X = _as_float(X)
+    k, d = centers.shape
+    C = centers.astype(X.dtype, copy=False)
+    c2 = np.einsum("ij,ij->i", C, C)
+    sums = np.zeros((k, d), dtype=np.float64)
+    weights = np.zeros(k, dtype=np.float64)
+    inertia = 0.0
+    step = _block_rows(k)
+    ids = np.arange(k)[:, None]
+    for s in range(0, X.shape[0], step):
+        Xb = X[s : s + step]
+        S = _scores(Xb, C, c2)
+        labels = S.argmin(axis=1)
+        if exact:
+            diff = Xb - C[labels]
+            d2 = np.einsum("ij,ij->i", diff, diff)
+        else:
+            d2 = np.take_along_axis(S, labels[:, None], axis=1)[:, 0]
+            d2 += np.einsum("ij,ij->i", Xb, Xb)
+        members = labels[None, :] == ids
+        if w is None:
+            onehot = members.astype(X.dtype)
+            weights += np.bincount(labels, minlength=k)
+            inertia += float(d2.sum(dtype=np.float64))
+        else:
+            wb = w[s : s + step]
+            onehot = members * wb.astype(X.dtype, copy=False)
+            weights += np.bincount(labels, weights=wb, minlength=k)
+            inertia += float(np.dot(d2.astype(np.float64), wb))
+        sums += onehot @ Xb
+    return LloydPartial(sums, weights, inertia)
+
+
+def combine_lloyd(a: LloydPartial, b: LloydPartial) -> LloydPartial:
+    """Associative merge of two :class:`LloydPartial` records."""
+    return LloydPartial(a.sums + b.sums, a.weights + b.weights, a.inertia + b.inertia)
+
+
+class FarPartial(NamedTuple):
+    """The ``m`` rows farthest from their nearest centre, for re-seeding empty clusters.
+
+    Ordered by decreasing squared distance ``d2``, ties to the lower global
+    row ``index``; ``weight`` and ``label`` (nearest centre) per row, ``rows``
+    of shape (m, n_features) in float64.
+    """
+
+    d2: np.ndarray
+    index: np.ndarray
+    weight: np.ndarray
+    label: np.ndarray
+    rows: np.ndarray
+    m: int
+
+
+def _top_far(d2, index, weight, label, rows, m) -> FarPartial:
+    if d2.shape[0] > m:
+        cut = np.partition(d2, d2.shape[0] - m)[d2.shape[0] - m] if m > 0 else np.inf
+        sel = np.flatnonzero(d2 >= cut)
+        d2, index, weight, label, rows = d2[sel], index[sel], weight[sel], label[sel], rows[sel]
+    order = np.lexsort((index, -d2))[:m]
+    return FarPartial(d2[order], index[order], weight[order], label[order],
+                      np.asarray(rows[order], dtype=np.float64), m)
+
+
+def farthest_partial(
+    X: np.ndarray, w: np.ndarray | None, offset: int, centers: np.ndarray, m: int
+) -> FarPartial:
+    """The ``m`` rows of the chunk farthest from their nearest centre (exact distances)."""
+    X = _as_float(X)
+    labels, d2 = assign(X, centers.astype(X.dtype, copy=False))
+    index = np.arange(offset, offset + X.shape[0], dtype=np.int64)
+    return _top_far(d2.astype(np.float64), index, _weights_f64(w, X.shape[0]), labels, X, m)
+
+
+def combine_far(a: FarPartial, b: FarPartial) -> FarPartial:
+    """Associative merge keeping the ``m`` farthest rows."""
+    return _top_far(*(np.concatenate([x, y]) for x, y in zip(a[:-1], b[:-1])), a.m)
+
+
+def update_centers(
+    stats: LloydPartial, centers: np.ndarray, far: FarPartial | None = None
+) -> tuple[np.ndarray, int]:
+    """New centres from reduced Lloyd statistics, re-seeding empty clusters.
+
+    An empty cluster (zero weight) takes the row farthest from its own centre;
+    the next empty cluster the second farthest, and so on (rows ordered by
+    decreasing squared distance, ties to the lower global index). That row's
+    weight moves from its old cluster to the empty one, exactly as
+    scikit-learn's ``_relocate_empty_clusters_dense`` does, so the result does
+    not depend on chunking or scheduling. Nothing is relocated when every row
+    sits on its centre (more clusters than distinct rows); such clusters keep
+    their previous centre.
+
+    Returns
+    -------
+    new_centers : ndarray of shape (k, n_features), float64
+    n_relocated : int
+    """
+    sums = stats.sums.copy()
+    weights = stats.weights.copy()
+    empty = np.flatnonzero(weights == 0)
+    n_relocated = 0
+    if empty.size and far is not None and far.d2.size and far.d2[0] > 0:
+        for j, cluster in enumerate(empty[: far.d2.size]):
+            wj, old, row = far.weight[j], far.label[j], far.rows[j]
+            sums[old] -= row * wj
+            weights[old] -= wj
+            sums[cluster] = row * wj
+            weights[cluster] = wj
+            n_relocated += 1
+    new = centers.astype(np.float64, copy=True)
+    filled = weights > 0
+    new[filled] = sums[filled] / weights[filled, None]
+    return new, n_relocated
+
+
+class SamplePartial(NamedTuple):
+    """Rows kept by a sampling kernel, ordered by ``(key, index)``.
+
+    cost : float -- weighted sum of squared distances to the candidates (0 when unused)
+    key : ndarray of shape (m,), float64 -- the sampling key of each kept row
+    index : ndarray of shape (m,), int64 -- global row indices
+    weight : ndarray of shape (m,), float64
+    rows : ndarray of shape (m, n_features), float64
+    size : int -- how many rows to keep at most
+    """
+
+    cost: float
+    key: np.ndarray
+    index: np.ndarray
+    weight: np.ndarray
+    rows: np.ndarray
+    size: int
+
+
+def _smallest(key, index, weight, rows, m):
+    finite = np.isfinite(key)
+    if not finite.all():
+        key, index, weight, rows = key[finite], index[finite], weight[finite], rows[finite]
+    if key.shape[0] > m:
+        cut = np.partition(key, m - 1)[m - 1] if m > 0 else -np.inf
+        sel = np.flatnonzero(key <= cut)
+        key, index, weight, rows = key[sel], index[sel], weight[sel], rows[sel]
+    order = np.lexsort((index, key))[:m]
+    return key[order], index[order], weight[order], rows[order]
+
+
+def _weights_f64(w, n):
+    return np.ones(n) if w is None else np.asarray(w, dtype=np.float64)
+
+
+def candidate_partial(
+    X: np.ndarray, w: np.ndarray | None, offset: int, candidates: np.ndarray,
+    stream: int, cap: int,
+) -> SamplePartial:
+    """One k-means|| round over a chunk.
+
+    Computes the weighted cost ``phi`` of the chunk with respect to
+    ``candidates`` and keeps the ``cap`` rows with the smallest keys
+    ``t_i = u_i / (w_i d_i^2)``, ``u_i`` the counter-based uniform of global row
+    ``i`` in ``stream``. Row ``i`` is sampled with probability
+    ``min(1, l w_i d_i^2 / phi)`` exactly when ``t_i < l / phi``, a threshold the
+    caller applies after the reduction, when the total ``phi`` is known.
+    """
+    X = _as_float(X)
+    n = X.shape[0]
+    C = candidates.astype(X.dtype, copy=False)
+    step = _block_rows(C.shape[0])
+    d2 = np.concatenate(
+        [min_sq_distances(X[s : s + step], C) for s in range(0, n, step)] or [np.empty(0)]
+    ).astype(np.float64)
+    wf = _weights_f64(w, n)
+    wd2 = wf * d2
+    cost = float(wd2.sum())
+    u = uniform_rows(stream, offset, offset + n)
+    with np.errstate(divide="ignore"):
+        key = np.where(wd2 > 0, u / wd2, np.inf)
+    index = np.arange(offset, offset + n, dtype=np.int64)
+    kept = _smallest(key, index, wf, X, cap)
+    return SamplePartial(cost, kept[0], kept[1], kept[2], np.asarray(kept[3], np.float64), cap)
+
+
+def sample_partial(
+    X: np.ndarray, w: np.ndarray | None, offset: int, stream: int, size: int
+) -> SamplePartial:
+    """Keep the ``size`` rows with the smallest uniforms of ``stream``.
+
+    Over the whole data set this is a uniform sample without replacement of
+    ``size`` rows that does not depend on chunking. Rows of zero weight are
+    never sampled.
+    """
+    X = _as_float(X)
+    n = X.shape[0]
+    wf = _weights_f64(w, n)
+    key = uniform_rows(stream, offset, offset + n)
+    key[wf <= 0] = np.inf
+    index = np.arange(offset, offset + n, dtype=np.int64)
+    kept = _smallest(key, index, wf, X, size)
+    return SamplePartial(0.0, kept[0], kept[1], kept[2], np.asarray(kept[3], np.float64), size)
+
+
+def combine_samples(a: SamplePartial, b: SamplePartial) -> SamplePartial:
+    """Associative merge: add costs, keep the ``size`` smallest keys."""
+    m = a.size
+    kept = _smallest(
+        np.concatenate([a.key, b.key]),
+        np.concatenate([a.index, b.index]),
+        np.concatenate([a.weight, b.weight]),
+        np.concatenate([a.rows, b.rows]),
+        m,
+    )
+    return SamplePartial(a.cost + b.cost, *kept, m)
+
+
+def assign_weights_partial(
+    X: np.ndarray, w: np.ndarray | None, offset: int, centers: np.ndarray
+) -> np.ndarray:
+    """Weight of the rows nearest to each centre: ndarray of shape (k,), float64."""
+    X = _as_float(X)
+    C = centers.astype(X.dtype, copy=False)
+    c2 = np.einsum("ij,ij->i", C, C)
+    step = _block_rows(C.shape[0])
+    out = np.zeros(C.shape[0])
+    for s in range(0, X.shape[0], step):
+        labels, _ = assign(X[s : s + step], C, c2)
+        wb = None if w is None else w[s : s + step]
+        out += np.bincount(labels, weights=wb, minlength=C.shape[0])
+    return out
+
+
+def add(a, b):
+    """Combine for plain arrays and numbers."""
+    return a + b
+
+
+def kmeans_plusplus(
+    points: np.ndarray, weights: np.ndarray, n_clusters: int, rng: np.random.Generator,
+    n_local_trials: int | None = None,
+) -> np.ndarray:
+    """Greedy weighted k-means++ seeding (Arthur and Vassilvitskii 2007) on a small set.
+
+    Each new centre is the best of ``n_local_trials`` (default ``2 + log k``)
+    candidates drawn with probability proportional to ``weight * d^2``.
+
+    Returns
+    -------
+    centers : ndarray of shape (n_clusters, n_features), float64
+    """
+    points = np.asarray(points, dtype=np.float64)
+    weights = np.asarray(weights, dtype=np.float64)
+    n = points.shape[0]
+    if n_local_trials is None:
+        n_local_trials = 2 + int(np.log(n_clusters))
+    centers = np.empty((n_clusters, points.shape[1]))
+    first = rng.choice(n, p=weights / weights.sum())
+    centers[0] = points[first]
+    closest = ((points - centers[0]) ** 2).sum(axis=1)
+    pot = float(closest @ weights)
+    for c in range(1, n_clusters):
+        if pot <= 0:  # fewer distinct points than clusters: repeat points
+            centers[c] = points[rng.integers(n)]
+            continue
+        cum = np.cumsum(closest * weights)
+        trials = np.searchsorted(cum, rng.random(n_local_trials) * cum[-1], side="right")
+        trials = np.minimum(trials, n - 1)
+        d_trials = ((points[None, :, :] - points[trials][:, None, :]) ** 2).sum(axis=2)
+        d_trials = np.minimum(closest, d_trials)
+        pots = d_trials @ weights
+        best = int(np.argmin(pots))
+        centers[c] = points[trials[best]]
+        closest = d_trials[best]
+        pot = float(pots[best])
+    return centers
+
+
+def local_lloyd(
+    points: np.ndarray, weights: np.ndarray, centers: np.ndarray, max_iter: int = 100,
+    tol: float = 1e-8,
+) -> np.ndarray:
+    """Weighted Lloyd iterations in memory on a small point set (k-means|| reclustering)."""
+    points = np.asarray(points, dtype=np.float64)
+    centers = np.asarray(centers, dtype=np.float64).copy()
+    for _ in range(max_iter):
+        part = lloyd_partial(points, weights, 0, centers)
+        far = None
+        if (part.weights == 0).any():
+            far = farthest_partial(points, weights, 0, centers, centers.shape[0])
+        new, _ = update_centers(part, centers, far)
+        shift = float(((new - centers) ** 2).sum())
+        centers = new
+        if shift <= tol:
+            break
+    return centers

@@ -1,0 +1,78 @@
+"""Per-chunk data statistics: counts, weighted sums, spread and finiteness.
+
+The first pass of every fit runs :func:`data_stats` fused with the
+algorithm's own kernel, so validating the values of ``X`` costs no extra pass.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+
+class DataStats(NamedTuple):
+    """Sufficient statistics of a block of rows.
+
+    n_rows : int
+    weight_sum : float
+        Sum of sample weights (``n_rows`` when unweighted).
+    weight_min : float
+        Smallest sample weight (``inf`` for an empty block).
+    col_sum : ndarray of shape (n_features,), float64
+        Unweighted column sums.
+    col_m2 : ndarray of shape (n_features,), float64
+        Unweighted sums of squared deviations from the block's column means.
+    bad_rows : tuple of (int, int)
+        ``(first_row, n_rows)`` of each block holding NaN or inf.
+    """
+
+    n_rows: int
+    weight_sum: float
+    weight_min: float
+    col_sum: np.ndarray
+    col_m2: np.ndarray
+    bad_rows: tuple
+
+
+def data_stats(X: np.ndarray, w: np.ndarray | None, offset: int) -> DataStats:
+    """Statistics of one row block ``X`` (rows ``offset ..``) with weights ``w``."""
+    n = X.shape[0]
+    finite = bool(np.isfinite(X).all()) if X.dtype.kind == "f" else True
+    if w is not None:
+        finite = finite and bool(np.isfinite(w).all())
+    if not finite or n == 0:
+        d = X.shape[1]
+        return DataStats(
+            n, 0.0, np.inf, np.zeros(d), np.zeros(d), ((offset, n),) if not finite else ()
+        )
+    col_sum = X.sum(axis=0, dtype=np.float64)
+    mean = col_sum / n
+    col_m2 = ((X - mean) ** 2).sum(axis=0, dtype=np.float64)
+    if w is None:
+        weight_sum, weight_min = float(n), 1.0
+    else:
+        weight_sum, weight_min = float(w.sum(dtype=np.float64)), float(w.min())
+    return DataStats(n, weight_sum, weight_min, col_sum, col_m2, ())
+
+
+def combine_stats(a: DataStats, b: DataStats) -> DataStats:
+    """Merge two :class:`DataStats` (Chan et al. pairwise update of ``col_m2``)."""
+    n = a.n_rows + b.n_rows
+    if a.n_rows == 0 or b.n_rows == 0:
+        m2 = a.col_m2 + b.col_m2
+    else:
+        delta = b.col_sum / b.n_rows - a.col_sum / a.n_rows
+        m2 = a.col_m2 + b.col_m2 + delta**2 * (a.n_rows * b.n_rows / n)
+    return DataStats(
+        n,
+        a.weight_sum + b.weight_sum,
+        min(a.weight_min, b.weight_min),
+        a.col_sum + b.col_sum,
+        m2,
+        a.bad_rows + b.bad_rows,
+    )
+
+
+def mean_variance(stats: DataStats) -> float:
+    """Mean over features of the (population) variance of each column."""
+    return float(np.mean(stats.col_m2 / max(stats.n_rows, 1)))

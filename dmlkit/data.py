@@ -1,0 +1,271 @@
+"""Zarr / xarray in, validated dask arrays out.
+
+This module owns chunking, dimension names and dtypes. Estimators accept
+NumPy arrays, dask arrays, xarray ``DataArray`` / ``Dataset`` (its ``X``
+variable) or the path of a Zarr store written by :mod:`dmlkit.datasets`; they
+hand all of them to :func:`as_matrix` and get back a dask array with one chunk
+along features. Validation here reads metadata only; checks on the values
+(NaN, inf, negative weights) run fused into the first pass of each fit.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+
+#: Target bytes per row block when a NumPy array is wrapped as a dask array.
+DEFAULT_CHUNK_BYTES = 16 * 2**20
+
+
+class ChunkingWarning(UserWarning):
+    """X was chunked along features and has been rechunked to whole rows."""
+
+
+def open_zarr(path: str | os.PathLike) -> Any:
+    """Open a Zarr store as an ``xarray.Dataset`` backed by dask arrays.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A Zarr (v3 or v2) store holding at least ``X`` with dims
+        ``(sample, feature)``, as written by :mod:`dmlkit.datasets`.
+
+    Returns
+    -------
+    xarray.Dataset
+        Lazily loaded, one dask chunk per Zarr chunk; nothing is read but metadata.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    ValueError
+        If the store is not a Zarr group or holds no ``X``.
+    """
+    import xarray as xr
+
+    path = os.fspath(path)
+    if "://" not in path and not os.path.exists(path):
+        raise FileNotFoundError(f"path={path!r}: no Zarr store at this path")
+    try:
+        ds = xr.open_zarr(path, consolidated=False, chunks={})
+    except Exception as exc:  # zarr raises several types for "not a group"
+        raise ValueError(f"path={path!r} is not a readable Zarr group: {exc}") from exc
+    if "X" not in ds:
+        raise ValueError(
+            f"path={path!r} holds no array 'X' (it has {sorted(ds.data_vars)}); "
+            "expected a store written by dmlkit.datasets"
+        )
+    return ds
+
+
+def _row_chunks(n_rows: int, row_bytes: int) -> int:
+    return max(1, min(n_rows, DEFAULT_CHUNK_BYTES // max(row_bytes, 1)))
+
+
+def _to_dask(X: Any, name: str) -> da.Array:
+    """Any supported container to a dask array (no validation of shape or dtype)."""
+    if isinstance(X, (str, os.PathLike)):
+        X = open_zarr(X)
+    try:
+        import xarray as xr
+    except ImportError:  # pragma: no cover - xarray is a dependency
+        xr = None
+    if xr is not None and isinstance(X, xr.Dataset):
+        if name not in X:
+            raise ValueError(f"{name}: the Dataset has no variable {name!r} "
+                             f"(it has {sorted(X.data_vars)})")
+        X = X[name]
+    if xr is not None and isinstance(X, xr.DataArray):
+        X = X.data
+    if isinstance(X, da.Array):
+        return X
+    if hasattr(X, "shape") and hasattr(X, "dtype") and not isinstance(X, np.ndarray):
+        # zarr arrays and other lazily indexable arrays: wrap without reading
+        if getattr(X, "ndim", 0) >= 1:
+            return da.from_array(X, chunks=getattr(X, "chunks", "auto"))
+    arr = np.asarray(X)
+    if arr.ndim == 0:
+        return da.from_array(arr)
+    row_bytes = arr.dtype.itemsize * int(np.prod(arr.shape[1:], dtype=np.int64))
+    chunks = (_row_chunks(arr.shape[0], row_bytes),) + arr.shape[1:]
+    return da.from_array(arr, chunks=chunks, inline_array=True)
+
+
+def is_lazy(X: Any) -> bool:
+    """True for inputs whose results should stay lazy (dask, xarray, Zarr paths)."""
+    if isinstance(X, (da.Array, str, os.PathLike)):
+        return True
+    mod = type(X).__module__
+    return mod.startswith("xarray") or mod.startswith("zarr")
+
+
+def as_matrix(X: Any, name: str = "X") -> da.Array:
+    """Validate ``X`` from its metadata and return it as a row-chunked dask array.
+
+    Parameters
+    ----------
+    X : array-like of shape (n_samples, n_features), dask array, xarray object or Zarr path
+
+    Returns
+    -------
+    dask.array.Array of shape (n_samples, n_features)
+        One chunk along features. Float32 and float64 keep their dtype; integer
+        and boolean data are converted to float64 block by block inside the
+        kernels (the array returned here keeps the stored dtype).
+
+    Raises
+    ------
+    ValueError
+        If ``X`` is not 2-D or has no rows or no features.
+    TypeError
+        If ``X`` is not numeric.
+    """
+    arr = _to_dask(X, name)
+    if arr.ndim != 2:
+        raise ValueError(
+            f"{name} should be 2-D of shape (n_samples, n_features); got shape {arr.shape}"
+            + (" (use X.reshape(-1, 1) for a single feature)" if arr.ndim == 1 else "")
+        )
+    if arr.dtype.kind not in "fiub":
+        raise TypeError(f"{name}.dtype={arr.dtype} is not numeric; expected a float, "
+                        "integer or boolean dtype")
+    if any(math.isnan(s) for s in arr.shape):
+        raise ValueError(f"{name} has unknown chunk sizes; call {name}.compute_chunk_sizes() first")
+    n, d = arr.shape
+    if n < 1 or d < 1:
+        raise ValueError(f"{name} has shape {arr.shape}; expected at least 1 sample and 1 feature")
+    if arr.numblocks[1] != 1:
+        warnings.warn(
+            f"{name} is chunked along features ({arr.numblocks[1]} chunks); rechunking "
+            f"once to whole rows ({arr.chunks[0][0]} rows per chunk). Store the data "
+            "with one chunk along features to avoid this.",
+            ChunkingWarning,
+            stacklevel=3,
+        )
+        arr = arr.rechunk({1: -1})
+    return arr
+
+
+def as_rows(v: Any, X: da.Array, name: str) -> da.Array | None:
+    """Validate a per-row vector (``y``, ``sample_weight``) against ``X``'s rows.
+
+    Returns None for None, else a 1-D dask array with ``X``'s row chunks.
+    """
+    if v is None:
+        return None
+    arr = _to_dask(v, name)
+    if arr.ndim == 2 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    if arr.ndim != 1:
+        raise ValueError(f"{name} should be 1-D of shape (n_samples,); got shape {arr.shape}")
+    if arr.shape[0] != X.shape[0]:
+        raise ValueError(
+            f"{name} has {arr.shape[0]} rows but X has {X.shape[0]}; they must be aligned"
+        )
+    if arr.chunks[0] != X.chunks[0]:
+        arr = arr.rechunk((X.chunks[0],))
+    return arr
+
+
+def check_sample_weight(sample_weight: Any, X: da.Array) -> da.Array | None:
+    """Validate ``sample_weight``; eager checks for in-memory weights.
+
+    Weights given as NumPy are checked here (finite, >= 0, not all zero); weights
+    given lazily are checked in the first pass of the fit.
+    """
+    if sample_weight is None:
+        return None
+    if np.isscalar(sample_weight):
+        raise TypeError(f"sample_weight={sample_weight!r} should be an array of shape "
+                        "(n_samples,) or None")
+    if not is_lazy(sample_weight):
+        w = np.asarray(sample_weight)
+        if w.dtype.kind not in "fiub":
+            raise TypeError(f"sample_weight.dtype={w.dtype} is not numeric")
+        if w.ndim == 1 and w.shape[0] == X.shape[0]:
+            if not np.isfinite(w).all():
+                raise ValueError("sample_weight contains NaN or inf")
+            if (w < 0).any():
+                i = int(np.flatnonzero(w < 0)[0])
+                raise ValueError(f"sample_weight should be >= 0; sample_weight[{i}]={w[i]}")
+            if not (w > 0).any():
+                raise ValueError("sample_weight is zero everywhere; at least one sample "
+                                 "needs a positive weight")
+        sample_weight = da.from_array(w.astype(np.float64, copy=False), chunks=(X.chunks[0],)) \
+            if w.ndim == 1 and w.shape[0] == X.shape[0] else w
+    return as_rows(sample_weight, X, "sample_weight")
+
+
+def _client():
+    try:
+        from distributed import default_client
+        return default_client()
+    except (ImportError, ValueError):
+        return None
+
+
+def memory_budget() -> int:
+    """Bytes of data that may be cached: half the cluster's (or this machine's) memory."""
+    client = _client()
+    if client is not None:
+        workers = client.scheduler_info(n_workers=-1)["workers"].values()
+        total = sum(w.get("memory_limit", 0) or 0 for w in workers)
+        if total:
+            return total // 2
+    import psutil
+
+    return psutil.virtual_memory().available // 2
+
+
+def cache(
+    X: da.Array, sample_weight: da.Array | None, cache: bool | str, source: Any
+) -> tuple[da.Array, da.Array | None, bool]:
+    """Apply an estimator's ``cache`` rule; return ``(X, sample_weight, cached)``.
+
+    ``cache="auto"`` keeps in-memory inputs in memory (on the workers when a
+    distributed client is active) and persists lazy inputs when they take at
+    most half of the cluster's memory (:func:`memory_budget`); otherwise every
+    pass streams the data from its store. ``True`` always persists, ``False``
+    never does.
+    """
+    if cache not in ("auto", True, False):
+        raise ValueError(f"cache={cache!r} should be 'auto', True or False")
+    in_memory = not is_lazy(source)
+    if cache is False:
+        return X, sample_weight, False
+    if cache == "auto" and not in_memory and X.nbytes > memory_budget():
+        return X, sample_weight, False
+    if in_memory and _client() is None:
+        return X, sample_weight, True  # already in this process's memory
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*large graph.*")
+        X, sample_weight = dask.persist(X, sample_weight)
+    return X, sample_weight, True
+
+
+def check_stats(stats, row_chunks: tuple, weighted: bool) -> None:
+    """Raise a clear error for what the first pass found in the values.
+
+    ``stats`` is a reduced :class:`dmlkit._kernels.stats.DataStats`.
+    """
+    if stats.bad_rows:
+        starts = np.concatenate([[0], np.cumsum(row_chunks)])
+        first, n = stats.bad_rows[0]
+        chunk = int(np.searchsorted(starts, first, side="right") - 1)
+        what = "X or sample_weight" if weighted else "X"
+        more = f" and {len(stats.bad_rows) - 1} more chunk(s)" if len(stats.bad_rows) > 1 else ""
+        raise ValueError(
+            f"{what} contains NaN or inf in chunk {chunk} (rows {first} to {first + n - 1})"
+            f"{more}; clean or impute the data first"
+        )
+    if weighted and stats.weight_min < 0:
+        raise ValueError(f"sample_weight should be >= 0; its minimum is {stats.weight_min}")
+    if weighted and stats.weight_sum <= 0:
+        raise ValueError("sample_weight is zero everywhere; at least one sample needs "
+                         "a positive weight")
