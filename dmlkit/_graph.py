@@ -121,7 +121,7 @@ class RowBlocks:
         computed. ``params`` enters the graph once, as one literal key.
         """
         fan_in = check_split_every(split_every)
-        shipped = dask.delayed(params if params is not None else {}, traverse=False)
+        shipped = dask.delayed(params if params is not None else {}, traverse=False, pure=True)
         call = dask.delayed(_call, pure=True)
         parts = [
             call(kernel, x, w, int(o), shipped, dask_key_name=(f"{name}-map-{shipped.key}", i))
@@ -145,7 +145,7 @@ def map_rows(X: da.Array, func: Callable, params: dict, dtype, n_columns: int | 
     The result has ``X``'s row chunks and either no second axis
     (``n_columns=None``, e.g. labels) or ``n_columns`` columns in one chunk.
     """
-    shipped = dask.delayed(params, traverse=False)
+    shipped = dask.delayed(params, traverse=False, pure=True)
     if n_columns is None:
         return X.map_blocks(_apply, func, shipped, dtype=dtype, drop_axis=1, chunks=(X.chunks[0],))
     return X.map_blocks(_apply, func, shipped, dtype=dtype, chunks=(X.chunks[0], (n_columns,)))

@@ -1,0 +1,107 @@
+"""The tree-reduction layer: shape of the graph, determinism, one compute per pass."""
+from __future__ import annotations
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose, assert_array_equal
+
+from dmlkit import _graph
+from dmlkit._kernels.kmeans import add
+
+
+def _sum_rows(X, w, offset, scale=1.0):
+    return X.sum(axis=0, dtype=np.float64) * scale
+
+
+def _offsets(X, w, offset):
+    return [(offset, X.shape[0])]
+
+
+def _concat(a, b):
+    return a + b
+
+
+@pytest.mark.parametrize("split_every", [2, 3, 8, 100])
+@pytest.mark.parametrize("chunks", [1, 7, 50, (10, 1, 39, 50)])
+def test_reduce_equals_numpy(split_every, chunks):
+    X = np.arange(200.0).reshape(100, 2)
+    Xd = da.from_array(X, chunks=(chunks, 2))
+    blocks = _graph.RowBlocks(Xd)
+    out = blocks.reduce(_sum_rows, add, {"scale": 2.0}, split_every)
+    (res,) = _graph.compute(out)
+    assert_allclose(res, 2 * X.sum(0))
+
+
+def test_offsets_and_fixed_order():
+    Xd = da.from_array(np.zeros((100, 1)), chunks=((10, 1, 39, 50), 1))
+    (res,) = _graph.compute(_graph.RowBlocks(Xd).reduce(_offsets, _concat, {}, 2))
+    assert res == [(0, 10), (10, 1), (11, 39), (50, 50)]
+
+
+def test_tree_depth_follows_split_every():
+    Xd = da.from_array(np.zeros((64, 1)), chunks=(1, 1))
+    out = _graph.RowBlocks(Xd).reduce(_sum_rows, add, {}, 4)
+    levels = {k[0].split("-combine")[1].split("-")[0] for k in out.dask if
+              isinstance(k, tuple) and "-combine" in str(k[0])}
+    assert levels == {"0", "1", "2"}  # 64 -> 16 -> 4 -> 1
+
+
+def test_parameters_enter_the_graph_once():
+    big = np.ones(10_000)
+    Xd = da.from_array(np.zeros((100, 1)), chunks=(10, 1))
+    out = _graph.RowBlocks(Xd).reduce(_sum_rows, add, {"scale": 1.0, "payload": big}, 2)
+    dsk = dict(out.dask)
+    holders = [k for k in dsk if isinstance(k, str) and k.startswith("dict-")]
+    assert len(holders) == 1
+    maps = [k for k in dsk if isinstance(k, tuple) and "-map-" in k[0]]
+    assert len(maps) == 10
+    assert all(holders[0] in dask.core.get_dependencies(dsk, k) for k in maps)
+
+
+def test_same_graph_keys_for_same_inputs():
+    Xd = da.from_array(np.zeros((100, 1)), chunks=(10, 1))
+    a = _graph.RowBlocks(Xd).reduce(_sum_rows, add, {"scale": 1.0})
+    b = _graph.RowBlocks(Xd).reduce(_sum_rows, add, {"scale": 1.0})
+    c = _graph.RowBlocks(Xd).reduce(_sum_rows, add, {"scale": 2.0})
+    assert a.key == b.key != c.key
+
+
+def test_sample_weight_blocks_follow_rows():
+    X = np.arange(20.0).reshape(10, 2)
+    w = np.arange(10.0)
+    blocks = _graph.RowBlocks(da.from_array(X, chunks=(3, 2)), da.from_array(w, chunks=3))
+
+    def weighted(X, w, offset):
+        return (X * w[:, None]).sum(0)
+
+    (res,) = _graph.compute(blocks.reduce(weighted, add))
+    assert_allclose(res, (X * w[:, None]).sum(0))
+
+
+def test_passes_fuse_stats_into_first_pass_only():
+    X = np.arange(20.0).reshape(10, 2)
+    seen = []
+    passes = _graph.Passes(_graph.RowBlocks(da.from_array(X, chunks=(4, 2))), None,
+                           check=seen.append)
+    first = passes.run(_sum_rows, add, {})
+    second = passes.run(_sum_rows, add, {"scale": 3.0})
+    assert_allclose(first, X.sum(0))
+    assert_allclose(second, 3 * X.sum(0))
+    assert len(seen) == 1 and seen[0].n_rows == 10
+    assert passes.count == 2
+
+
+def test_map_rows_is_lazy_blockwise():
+    X = da.from_array(np.arange(12.0).reshape(6, 2), chunks=(4, 2))
+    out = _graph.map_rows(X, lambda b, shift: b.sum(1) + shift, {"shift": 1.0}, np.float64)
+    assert out.chunks == ((4, 2),)
+    assert_array_equal(out.compute(), np.arange(12.0).reshape(6, 2).sum(1) + 1)
+
+
+def test_split_every_validation():
+    assert _graph.check_split_every(None) == 8
+    for bad in (1, 0, 2.5, True, "4"):
+        with pytest.raises(ValueError, match="split_every"):
+            _graph.check_split_every(bad)

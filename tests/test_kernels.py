@@ -1,0 +1,170 @@
+"""The per-chunk kernels alone, against NumPy, with no dask involved."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from numpy.testing import assert_allclose, assert_array_equal
+
+from dmlkit._kernels import kmeans as K
+from dmlkit._kernels.random import stream_key, uniform_rows
+from dmlkit._kernels.stats import combine_stats, data_stats, mean_variance
+
+
+def _split(n, cuts):
+    edges = sorted({0, n, *[c % (n + 1) for c in cuts]})
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def _fold(kernel, combine, X, w, parts, **params):
+    out = None
+    for a, b in parts:
+        p = kernel(X[a:b], None if w is None else w[a:b], a, **params)
+        out = p if out is None else combine(out, p)
+    return out
+
+
+# ------------------------------------------------------------------ random
+def test_uniform_rows_ignore_chunking():
+    key = stream_key(3, 0, 1)
+    whole = uniform_rows(key, 0, 10_000)
+    pieces = np.concatenate([uniform_rows(key, a, b) for a, b in _split(10_000, [17, 4000, 9999])])
+    assert_array_equal(whole, pieces)
+    assert whole.min() >= 0 and whole.max() < 1
+    assert abs(whole.mean() - 0.5) < 0.01 and abs(whole.var() - 1 / 12) < 0.005
+    assert not np.array_equal(whole, uniform_rows(stream_key(3, 0, 2), 0, 10_000))
+    assert not np.array_equal(whole, uniform_rows(stream_key(4, 0, 1), 0, 10_000))
+
+
+# ------------------------------------------------------------------- stats
+@settings(max_examples=30, deadline=None)
+@given(cuts=st.lists(st.integers(0, 500), max_size=6))
+def test_stats_combine_matches_numpy(cuts):
+    rng = np.random.default_rng(0)
+    X = (rng.standard_normal((500, 3)) * [1, 10, 100] + 1e4).astype(np.float32)
+    w = rng.uniform(0.5, 2, 500)
+    s = _fold(data_stats, combine_stats, X, w, _split(500, cuts))
+    assert s.n_rows == 500
+    assert_allclose(s.weight_sum, w.sum())
+    assert_allclose(s.col_sum, X.astype(np.float64).sum(0), rtol=1e-10)
+    assert_allclose(mean_variance(s), np.var(X.astype(np.float64), axis=0).mean(), rtol=1e-8)
+    assert s.bad_rows == ()
+
+
+def test_stats_report_bad_blocks():
+    X = np.ones((10, 2))
+    X[7, 1] = np.nan
+    s = combine_stats(data_stats(X[:5], None, 0), data_stats(X[5:], None, 5))
+    assert s.bad_rows == ((5, 5),)
+
+
+# ------------------------------------------------------------------- Lloyd
+def _naive_lloyd(X, w, C):
+    d2 = ((X[:, None, :].astype(np.float64) - C[None]) ** 2).sum(-1)
+    labels = d2.argmin(1)
+    k = C.shape[0]
+    sums = np.array([(X[labels == j] * w[labels == j, None]).sum(0) for j in range(k)])
+    weights = np.array([w[labels == j].sum() for j in range(k)])
+    return sums, weights, float((d2.min(1) * w).sum())
+
+
+@pytest.mark.parametrize("exact", [True, False])
+@pytest.mark.parametrize("weighted", [True, False])
+def test_lloyd_partial_against_numpy(exact, weighted):
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((40_000, 4))
+    C = rng.standard_normal((5, 4))
+    w = rng.uniform(0, 2, 40_000) if weighted else np.ones(40_000)
+    p = K.lloyd_partial(X, w if weighted else None, 0, C, exact=exact)
+    sums, weights, inertia = _naive_lloyd(X, w, C)
+    assert_allclose(p.sums, sums, rtol=1e-10)
+    assert_allclose(p.weights, weights, rtol=1e-12)
+    assert_allclose(p.inertia, inertia, rtol=1e-10)
+
+
+def test_lloyd_partial_float32_accumulates_in_float64():
+    rng = np.random.default_rng(2)
+    X = (rng.standard_normal((100_000, 3)) + 1000).astype(np.float32)
+    C = np.array([[1000.0, 1000.0, 1000.0]])
+    p = K.lloyd_partial(X, None, 0, C)
+    assert p.sums.dtype == np.float64
+    assert_allclose(p.sums[0], X.astype(np.float64).sum(0), rtol=1e-6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(cuts=st.lists(st.integers(0, 300), max_size=5))
+def test_lloyd_combine_is_chunking_invariant(cuts):
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((300, 2))
+    C = rng.standard_normal((4, 2))
+    whole = K.lloyd_partial(X, None, 0, C)
+    parts = _fold(K.lloyd_partial, K.combine_lloyd, X, None, _split(300, cuts), centers=C)
+    assert_allclose(parts.sums, whole.sums, rtol=1e-12, atol=1e-12)
+    assert_allclose(parts.inertia, whole.inertia, rtol=1e-12)
+
+
+@settings(max_examples=25, deadline=None)
+@given(cuts=st.lists(st.integers(0, 200), max_size=5), m=st.integers(1, 7))
+def test_farthest_rows_are_chunking_invariant(cuts, m):
+    rng = np.random.default_rng(4)
+    X = np.round(rng.standard_normal((200, 2)), 1)  # many exact ties
+    C = np.zeros((1, 2))
+    far = _fold(K.farthest_partial, K.combine_far, X, None, _split(200, cuts), centers=C, m=m)
+    d2 = (X**2).sum(1)
+    expect = np.lexsort((np.arange(200), -d2))[:m]
+    assert_array_equal(far.index, expect)
+    assert_allclose(far.rows, X[expect])
+
+
+def test_update_centers_relocates_like_sklearn():
+    X = np.array([[0.0], [1.0], [9.0]])
+    C = np.array([[0.5], [100.0]])
+    p = K.lloyd_partial(X, None, 0, C)
+    far = K.farthest_partial(X, None, 0, C, 1)
+    new, n = K.update_centers(p, C, far)
+    assert n == 1
+    assert_allclose(new.ravel(), [0.5, 9.0])
+
+
+# ------------------------------------------------------------- sampling
+@settings(max_examples=25, deadline=None)
+@given(cuts=st.lists(st.integers(0, 1000), max_size=6), size=st.integers(1, 50))
+def test_sample_is_chunking_invariant(cuts, size):
+    X = np.arange(2000.0).reshape(1000, 2)
+    key = stream_key(0, 5)
+    s = _fold(K.sample_partial, K.combine_samples, X, None, _split(1000, cuts),
+              stream=key, size=size)
+    expect = np.argsort(uniform_rows(key, 0, 1000), kind="stable")[:size]
+    assert_array_equal(s.index, expect)
+    assert_array_equal(s.rows[:, 0], X[expect, 0])
+
+
+def test_candidate_round_samples_exactly_bernoulli():
+    """Keeping the smallest ``u / (w d^2)`` then cutting at ``l / phi`` is Bahmani's draw."""
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((5000, 3))
+    w = rng.uniform(0.1, 2, 5000)
+    C = X[:2]
+    key, ell = stream_key(1, 2), 16.0
+    s = _fold(K.candidate_partial, K.combine_samples, X, w, _split(5000, [1234, 3000]),
+              candidates=C, stream=key, cap=200)
+    d2 = ((X[:, None] - C[None]) ** 2).sum(-1).min(1)
+    phi = (w * d2).sum()
+    assert_allclose(s.cost, phi, rtol=1e-9)
+    bernoulli = np.flatnonzero(uniform_rows(key, 0, 5000) < np.minimum(1, ell * w * d2 / phi))
+    chosen = s.index[s.key < ell / phi]
+    assert_array_equal(np.sort(chosen), bernoulli)
+    assert 5 < chosen.size < 40  # about ell
+    assert s.key.size == 200  # room left: the cut is exact
+
+
+def test_assign_weights_and_local_solvers():
+    rng = np.random.default_rng(6)
+    pts = np.concatenate([rng.normal(0, 0.1, (50, 2)), rng.normal(5, 0.1, (50, 2))])
+    w = np.ones(100)
+    counts = K.assign_weights_partial(pts, None, 0, np.array([[0.0, 0.0], [5.0, 5.0]]))
+    assert_array_equal(counts, [50, 50])
+    start = K.kmeans_plusplus(pts, w, 2, np.random.default_rng(0))
+    centers = K.local_lloyd(pts, w, start)
+    assert_allclose(np.sort(centers[:, 0]), [0, 5], atol=0.1)
