@@ -1,0 +1,87 @@
+"""KMeans on a real multi-process LocalCluster, including a worker killed mid-fit."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import dask
+import numpy as np
+import pytest
+from distributed import Client, LocalCluster
+from numpy.testing import assert_allclose, assert_array_equal
+
+from dmlkit import KMeans
+from dmlkit._kernels import kmeans as K
+from tests.conftest import write_store
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture(scope="module")
+def client():
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=":0", memory_limit="2GiB") as cluster, \
+            Client(cluster) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    centers = rng.uniform(-5, 5, size=(5, 4))
+    X = (centers[rng.integers(0, 5, 30_000)] + rng.standard_normal((30_000, 4))).astype(np.float32)
+    return X, write_store(tmp_path_factory.mktemp("d") / "blobs.zarr", X, chunk_rows=2000)
+
+
+def _reference(X, **kw):
+    with dask.config.set(scheduler="sync"):
+        return KMeans(5, random_state=3, **kw).fit(X)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_cluster_fit_equals_sync_fit(client, store, cache):
+    X, path = store
+    ref = _reference(path)  # same chunks, same tree: the same bits
+    km = KMeans(5, random_state=3, cache=cache).fit(path)
+    assert_array_equal(km.cluster_centers_, ref.cluster_centers_)
+    assert km.inertia_ == ref.inertia_
+    assert km.n_iter_ == ref.n_iter_
+    assert_array_equal(km.labels_.compute(), ref.labels_)
+
+
+def test_numpy_input_is_scattered_and_fits(client, store):
+    X, _ = store
+    ref = _reference(X)
+    km = KMeans(5, random_state=3).fit(X)
+    assert isinstance(km.labels_, np.ndarray)
+    assert_allclose(km.cluster_centers_, ref.cluster_centers_, rtol=1e-6, atol=1e-6)
+
+
+def test_worker_killed_mid_fit_changes_nothing(client, store, monkeypatch):
+    X, path = store
+    init = X[:5].astype(np.float64)
+    params = dict(init=init, max_iter=12, tol=0)
+    with dask.config.set(scheduler="sync"):
+        ref = KMeans(5, **params).fit(path)
+
+    victim = sorted(client.scheduler_info()["workers"])[0]
+    pid = client.run(os.getpid, workers=[victim])[victim]
+    calls = {"n": 0}
+    original = K.update_centers
+
+    def update_and_sabotage(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            # kill one worker while the next pass is running: its cached chunks
+            # and running tasks are lost and must be recomputed from the store
+            threading.Timer(0.02, os.kill, (pid, signal.SIGKILL)).start()
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(K, "update_centers", update_and_sabotage)
+    km = KMeans(5, cache=True, **params).fit(path)
+    assert calls["n"] == 12
+    assert_array_equal(km.cluster_centers_, ref.cluster_centers_)
+    assert km.inertia_ == ref.inertia_
+    client.wait_for_workers(2, timeout=60)  # the nanny restarted it...
+    assert victim not in client.scheduler_info()["workers"]  # ...as a new worker
