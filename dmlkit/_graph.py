@@ -72,6 +72,13 @@ def fuse(*pairs: tuple[Callable, Callable]) -> tuple[Callable, Callable]:
     return _Fused([p[0] for p in pairs]), _FusedCombine([p[1] for p in pairs])
 
 
+def _map_block(x, *rest, kernel, offsets, block_id=None):
+    """Blockwise body: ``kernel(X_block, w_block, offset, **params)``."""
+    params = rest[-1]
+    w = rest[0][:, 0] if len(rest) == 2 else None
+    return _call(kernel, x, w, int(offsets[block_id[0]]), params)
+
+
 class RowBlocks:
     """Aligned row blocks of validated arrays, prepared once per fit.
 
@@ -81,31 +88,40 @@ class RowBlocks:
         One chunk along features (``dmlkit.data`` guarantees it).
     sample_weight : dask.array.Array of shape (n_samples,) or None
         Same row chunks as ``X``.
+
+    Notes
+    -----
+    The per-block kernel is a blockwise operation on ``X``, so Dask fuses it
+    with the task that reads the block (from Zarr, or from memory when
+    persisted): a block is read and reduced to its partial result in one task
+    and never travels between workers.
     """
 
     def __init__(self, X: da.Array, sample_weight: da.Array | None = None):
         if X.numblocks[1] != 1:
             raise ValueError(f"X has {X.numblocks[1]} chunks along features; expected 1")
+        if sample_weight is not None and sample_weight.chunks[0] != X.chunks[0]:
+            raise ValueError("sample_weight must have the same row chunks as X")
         self.X = X
         self.sample_weight = sample_weight
         self.row_chunks = X.chunks[0]
-        self.offsets = np.concatenate([[0], np.cumsum(self.row_chunks)[:-1]]).astype(int)
-        self._x = list(X.to_delayed().ravel())
-        if sample_weight is not None:
-            if sample_weight.chunks[0] != X.chunks[0]:
-                raise ValueError("sample_weight must have the same row chunks as X")
-            self._w = list(sample_weight.to_delayed().ravel())
-        else:
-            self._w = [None] * len(self._x)
+        self.offsets = np.concatenate([[0], np.cumsum(self.row_chunks)[:-1]]).astype(np.int64)
+        self._args = [X] if sample_weight is None else [X, sample_weight[:, None]]
 
     @property
     def n_blocks(self) -> int:
-        return len(self._x)
+        return len(self.row_chunks)
 
-    def block_rows(self, i: int) -> tuple[int, int]:
-        """Global ``(start, stop)`` rows of block ``i``."""
-        start = int(self.offsets[i])
-        return start, start + int(self.row_chunks[i])
+    def partials(self, kernel: Callable, params: dict | None = None, name: str = "partial"):
+        """The per-block partial results, one ``Delayed`` per row block, in row order."""
+        shipped = dask.delayed(params if params is not None else {}, traverse=False, pure=True)
+        token = dask.base.tokenize(kernel, shipped.key, *self._args)
+        parts = da.map_blocks(
+            _map_block, *self._args, shipped, kernel=kernel, offsets=self.offsets,
+            name=f"{name}-map-{token}", dtype=object, chunks=((1,) * self.n_blocks, (1,)),
+            meta=np.empty((0, 0), dtype=object),
+        )
+        return list(parts.to_delayed(optimize_graph=True).ravel()), token
 
     def reduce(
         self,
@@ -121,18 +137,13 @@ class RowBlocks:
         computed. ``params`` enters the graph once, as one literal key.
         """
         fan_in = check_split_every(split_every)
-        shipped = dask.delayed(params if params is not None else {}, traverse=False, pure=True)
-        call = dask.delayed(_call, pure=True)
-        parts = [
-            call(kernel, x, w, int(o), shipped, dask_key_name=(f"{name}-map-{shipped.key}", i))
-            for i, (x, w, o) in enumerate(zip(self._x, self._w, self.offsets))
-        ]
+        parts, token = self.partials(kernel, params, name)
         level = 0
         fold = dask.delayed(_fold_all, pure=True)
         while len(parts) > 1:
             parts = [
                 fold(combine, *parts[i : i + fan_in],
-                     dask_key_name=(f"{name}-combine{level}-{shipped.key}", i // fan_in))
+                     dask_key_name=(f"{name}-combine{level}-{token}", i // fan_in))
                 for i in range(0, len(parts), fan_in)
             ]
             level += 1

@@ -1,0 +1,1 @@
+"""dmlkit benchmarks: ``python -m benchmarks NAME`` (see benchmarks/README.md)."""

@@ -1,0 +1,170 @@
+"""K-means side by side: dmlkit (cached, streaming), scikit-learn, dask-ml, raw read.
+
+Every contender starts from the same initial centres and runs the same fixed
+number of Lloyd iterations (``tol=0``) on the same float32 data, generated
+once into a Zarr store. scikit-learn fits the data in memory with all cores;
+dmlkit and dask-ml run on a LocalCluster of ``--workers`` single-threaded
+worker processes on the same machine.
+
+    python -m benchmarks kmeans                 # 2,000,000 x 32, k=8, 30 iterations
+    python -m benchmarks kmeans --rows 200000   # quicker
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks._common import machine, markdown_table, timed
+
+
+def _read_rows(X, w, offset):
+    """The cheapest kernel: the chunk is read (and decompressed), nothing computed."""
+    return X.shape[0]
+
+
+def _add(a, b):
+    return a + b
+
+
+def raw_read_seconds(path: str, repeat: int = 3) -> float:
+    """Best of ``repeat`` passes that only read every chunk of X from the store."""
+    from dmlkit import _graph, data
+
+    blocks = _graph.RowBlocks(data.as_matrix(path))
+    best = np.inf
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        (n,) = _graph.compute(blocks.reduce(_read_rows, _add, {}, name="read"))
+        best = min(best, time.perf_counter() - t0)
+    assert n == blocks.X.shape[0]
+    return best
+
+
+def run(args: argparse.Namespace) -> dict:
+    import dask.array as da
+    from sklearn.cluster import KMeans as SKKMeans
+    from threadpoolctl import threadpool_limits
+
+    import dmlkit
+    from dmlkit.datasets import make_blobs
+
+    path = Path(args.data) / f"bench-blobs-{args.rows}x{args.features}.zarr"
+    params = dict(centers=args.k, cluster_std=args.cluster_std, chunk_rows=args.chunk_rows,
+                  random_state=0)
+    if not path.exists():
+        print(f"generating {path} ...", flush=True)
+        make_blobs(str(path), args.rows, args.features, **params)
+    X = dmlkit.open_zarr(path)["X"].values  # in memory, for scikit-learn
+    rng = np.random.default_rng(1)
+    init = X[rng.choice(X.shape[0], args.k, replace=False)].astype(np.float64)
+    it = args.iters
+    results: dict = {"config": {**vars(args), "nbytes": int(X.nbytes)}, "machine": machine(),
+                     "rows": []}
+
+    def record(name, seconds, n_iter, inertia, passes=None, note=""):
+        row = {"method": name, "seconds": seconds, "n_iter": int(n_iter),
+               "seconds_per_iter": seconds / max(n_iter, 1), "inertia": float(inertia),
+               "note": note}
+        results["rows"].append(row)
+        print(f"  {name:<32s} {seconds:8.3f} s  {n_iter:3d} it  inertia {inertia:.6e}  {note}",
+              flush=True)
+        return row
+
+    # scikit-learn, in memory, all cores of the machine
+    with threadpool_limits(limits=args.workers):
+        sk = SKKMeans(args.k, init=init, n_init=1, max_iter=it, tol=0, algorithm="lloyd")
+        sk_s, _ = timed(lambda: sk.fit(X))
+    ref = record("scikit-learn KMeans (in memory)", sk_s, sk.n_iter_, sk.inertia_,
+                 note=f"{args.workers} threads")
+
+    client = dmlkit.connect("local", n_workers=args.workers, threads_per_worker=1,
+                            quiet=True)
+    try:
+        read_s = raw_read_seconds(str(path))
+        results["raw_read_seconds"] = read_s
+        print(f"  raw read of X from Zarr: {read_s:.3f} s "
+              f"({X.nbytes / read_s / 1e9:.2f} GB/s)", flush=True)
+
+        for cache, label in ((True, "dmlkit KMeans (cached)"), (False, "dmlkit KMeans (streaming)")):
+            km = dmlkit.KMeans(args.k, init=init, max_iter=it, tol=0, cache=cache)
+            secs, _ = timed(lambda: km.fit(str(path)))
+            iter_secs = sum(h["seconds"] for h in km.history_)
+            row = record(label, secs, km.n_iter_, km.inertia_,
+                         note=f"{km.n_passes_} passes; Lloyd iterations {iter_secs:.3f} s")
+            row["lloyd_seconds"] = iter_secs
+            row["lloyd_seconds_per_iter"] = iter_secs / km.n_iter_
+            row["inertia_rel_diff_vs_sklearn"] = abs(km.inertia_ - sk.inertia_) / sk.inertia_
+
+        if not args.skip_dask_ml:
+            try:
+                from dask_ml.cluster import KMeans as DMKMeans
+            except ImportError as exc:
+                print(f"  dask-ml not installed ({exc}); pip install -e '.[bench]'")
+            else:
+                Xd = da.from_zarr(str(path), component="X").persist()
+                dm = DMKMeans(n_clusters=args.k, init=init, max_iter=it, tol=0)
+                secs, _ = timed(lambda: dm.fit(Xd))
+                record("dask-ml KMeans (cached)", secs, dm.n_iter_, dm.inertia_)
+                del Xd
+    finally:
+        client.close()
+
+    rows = {r["method"]: r for r in results["rows"]}
+    cached = rows["dmlkit KMeans (cached)"]
+    streaming = rows["dmlkit KMeans (streaming)"]
+    summary = {
+        "cached_vs_sklearn_per_iter": cached["lloyd_seconds_per_iter"] / ref["seconds_per_iter"],
+        "cached_fit_vs_sklearn_fit": cached["seconds"] / ref["seconds"],
+        "streaming_iter_vs_raw_read": streaming["lloyd_seconds_per_iter"] / results["raw_read_seconds"],
+    }
+    if "dask-ml KMeans (cached)" in rows:
+        summary["dask_ml_fit_vs_cached_fit"] = rows["dask-ml KMeans (cached)"]["seconds"] / cached["seconds"]
+    results["summary"] = summary
+    return results
+
+
+def report(results: dict) -> str:
+    cfg = results["config"]
+    rows = [(r["method"], f"{r['seconds']:.2f}", str(r["n_iter"]),
+             f"{1e3 * r.get('lloyd_seconds_per_iter', r['seconds_per_iter']):.1f}",
+             f"{r['inertia']:.6e}", r["note"]) for r in results["rows"]]
+    rows.append(("raw read of X from Zarr (one pass)", f"{results['raw_read_seconds']:.2f}", "",
+                 "", "", ""))
+    s = results["summary"]
+    m = results["machine"]
+    lines = [
+        f"K-means, {cfg['rows']:,} x {cfg['features']} float32 ({cfg['nbytes'] / 1e6:.0f} MB), "
+        f"k={cfg['k']}, {cfg['iters']} iterations from the same initial centres, "
+        f"{cfg['workers']} workers x 1 thread; {m['cpu']}, {m['cores']} cores, "
+        f"{m['memory_gb']:.0f} GB; dask {m['dask']}, scikit-learn {m['sklearn']}.",
+        "",
+        markdown_table(["method", "fit (s)", "iterations", "ms / iteration", "inertia", "note"],
+                       rows),
+        "",
+        f"- dmlkit cached vs scikit-learn, per iteration: {s['cached_vs_sklearn_per_iter']:.2f}x "
+        f"(whole fit, loading included: {s['cached_fit_vs_sklearn_fit']:.2f}x)",
+        f"- dmlkit streaming iteration vs one raw read of the store: "
+        f"{s['streaming_iter_vs_raw_read']:.2f}x",
+    ]
+    if "dask_ml_fit_vs_cached_fit" in s:
+        lines.append(f"- dask-ml fit time / dmlkit cached fit time: {s['dask_ml_fit_vs_cached_fit']:.1f}x")
+    return "\n".join(lines) + "\n"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rows", type=int, default=2_000_000)
+    p.add_argument("--features", type=int, default=32)
+    p.add_argument("--k", type=int, default=8)
+    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--chunk-rows", type=int, default=125_000)
+    p.add_argument("--cluster-std", type=float, default=6.0,
+                   help="overlapping blobs, so that Lloyd runs all iterations")
+    p.add_argument("--data", default="data")
+    p.add_argument("--skip-dask-ml", action="store_true")
