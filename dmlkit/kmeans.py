@@ -287,13 +287,14 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
                     far = passes.run(K.farthest_partial, K.combine_far,
                                      {"centers": centers, "m": n_empty}, name="kmeans-far")
                 new, n_relocated = K.update_centers(part, centers, far)
+                inertia = K.inertia_from_sums(part, centers, passes.stats.weighted_sq_norm)
                 shift = float(((new - centers) ** 2).sum())
                 centers = new
-                history.append({"iteration": it + 1, "inertia": part.inertia,
+                history.append({"iteration": it + 1, "inertia": inertia,
                                 "center_shift": shift, "n_relocated": n_relocated,
                                 "seconds": time.perf_counter() - t0})
                 bar.update(1)
-                bar.set_postfix_str(f"inertia {part.inertia:.6g}")
+                bar.set_postfix_str(f"inertia {inertia:.6g}")
                 if shift <= tol:
                     converged = True
                     break

@@ -84,20 +84,14 @@ class LloydPartial(NamedTuple):
 
     sums : ndarray of shape (k, n_features), float64 -- weighted sums of rows per cluster
     weights : ndarray of shape (k,), float64 -- weight per cluster
-    inertia : float -- weighted sum of squared distances to the given centres
+    inertia : float
+        Weighted sum of squared distances to the given centres when computed
+        with ``exact=True``; NaN otherwise (see :func:`inertia_from_sums`).
     """
 
     sums: np.ndarray
     weights: np.ndarray
     inertia: float
-
-
-def _scores(Xb: np.ndarray, C: np.ndarray, c2: np.ndarray) -> np.ndarray:
-    """``||c||^2 - 2 x.c`` for every row and centre: argmin gives the nearest centre."""
-    S = Xb @ C.T
-    S *= -2.0
-    S += c2
-    return S
 
 
 def lloyd_partial(
@@ -115,13 +109,14 @@ def lloyd_partial(
     centers : ndarray of shape (k, n_features), float64
         Current centres; cast to ``X``'s dtype for the distance computation.
     exact : bool, default=False
-        Compute each row's squared distance from the difference ``x - c`` (the
-        true inertia, used for ``inertia_``) rather than from the expanded
-        ``||x||^2 - 2 x.c + ||c||^2`` (cheaper, used to monitor iterations).
+        Also compute the inertia, each row's squared distance taken from the
+        difference ``x - c``. Without it the kernel does the least work a Lloyd
+        step needs (one product for the scores, one for the sums); the
+        inertia then follows from the sums, see :func:`inertia_from_sums`.
 
     Notes
     -----
-    Rows are processed in sub-blocks so the distance matrix stays in cache and
+    Rows are processed in sub-blocks so the score matrix stays in cache and
     float32 partial sums are flushed into float64 accumulators every few
     thousand rows.
     """
@@ -129,33 +124,47 @@ def lloyd_partial(
     k, d = centers.shape
     C = centers.astype(X.dtype, copy=False)
     c2 = np.einsum("ij,ij->i", C, C)
+    minus_2ct = np.ascontiguousarray(-2.0 * C.T)
     sums = np.zeros((k, d), dtype=np.float64)
     weights = np.zeros(k, dtype=np.float64)
-    inertia = 0.0
-    step = _block_rows(k)
+    inertia = 0.0 if exact else np.nan
+    step = min(_block_rows(k), X.shape[0])
+    scores = np.empty((step, k), dtype=X.dtype)
+    onehot = np.empty((k, step), dtype=X.dtype)
     ids = np.arange(k)[:, None]
     for s in range(0, X.shape[0], step):
         Xb = X[s : s + step]
-        S = _scores(Xb, C, c2)
+        nb = Xb.shape[0]
+        S = np.matmul(Xb, minus_2ct, out=scores[:nb])
+        S += c2
         labels = S.argmin(axis=1)
+        members = np.equal(labels[None, :], ids, out=onehot[:, :nb])
+        if w is None:
+            weights += np.bincount(labels, minlength=k)
+        else:
+            wb = w[s : s + nb]
+            members *= wb.astype(X.dtype, copy=False)
+            weights += np.bincount(labels, weights=wb, minlength=k)
+        sums += members @ Xb
         if exact:
             diff = Xb - C[labels]
             d2 = np.einsum("ij,ij->i", diff, diff)
-        else:
-            d2 = np.take_along_axis(S, labels[:, None], axis=1)[:, 0]
-            d2 += np.einsum("ij,ij->i", Xb, Xb)
-        members = labels[None, :] == ids
-        if w is None:
-            onehot = members.astype(X.dtype)
-            weights += np.bincount(labels, minlength=k)
-            inertia += float(d2.sum(dtype=np.float64))
-        else:
-            wb = w[s : s + step]
-            onehot = members * wb.astype(X.dtype, copy=False)
-            weights += np.bincount(labels, weights=wb, minlength=k)
-            inertia += float(np.dot(d2.astype(np.float64), wb))
-        sums += onehot @ Xb
+            inertia += float(d2.sum(dtype=np.float64) if w is None
+                             else np.dot(d2.astype(np.float64), wb))
     return LloydPartial(sums, weights, inertia)
+
+
+def inertia_from_sums(stats: LloydPartial, centers: np.ndarray, weighted_sq_norm: float) -> float:
+    """Inertia with respect to ``centers`` from a step's sums, without touching the rows.
+
+    ``sum_i w_i ||x_i - c_(i)||^2 = sum_i w_i ||x_i||^2 + sum_k (W_k ||c_k||^2 - 2 c_k . S_k)``,
+    with ``S_k`` and ``W_k`` the weighted sum and weight of cluster ``k`` and
+    ``weighted_sq_norm`` the first term (a constant of the data, from the first
+    pass). Used to monitor iterations; ``inertia_`` itself is computed exactly.
+    """
+    c = np.asarray(centers, dtype=np.float64)
+    per_cluster = stats.weights * np.einsum("ij,ij->i", c, c) - 2.0 * np.einsum("ij,ij->i", c, stats.sums)
+    return float(weighted_sq_norm + per_cluster.sum())
 
 
 def combine_lloyd(a: LloydPartial, b: LloydPartial) -> LloydPartial:

@@ -22,6 +22,8 @@ class DataStats(NamedTuple):
         Unweighted column sums.
     col_m2 : ndarray of shape (n_features,), float64
         Unweighted sums of squared deviations from the block's column means.
+    weighted_sq_norm : float
+        ``sum_i w_i ||x_i||^2``.
     bad_rows : tuple of (int, int)
         ``(first_row, n_rows)`` of each block holding NaN or inf.
     """
@@ -31,6 +33,7 @@ class DataStats(NamedTuple):
     weight_min: float
     col_sum: np.ndarray
     col_m2: np.ndarray
+    weighted_sq_norm: float
     bad_rows: tuple
 
 
@@ -43,16 +46,18 @@ def data_stats(X: np.ndarray, w: np.ndarray | None, offset: int) -> DataStats:
     if not finite or n == 0:
         d = X.shape[1]
         return DataStats(
-            n, 0.0, np.inf, np.zeros(d), np.zeros(d), ((offset, n),) if not finite else ()
+            n, 0.0, np.inf, np.zeros(d), np.zeros(d), 0.0, ((offset, n),) if not finite else ()
         )
     col_sum = X.sum(axis=0, dtype=np.float64)
     mean = col_sum / n
     col_m2 = ((X - mean) ** 2).sum(axis=0, dtype=np.float64)
+    sq_norm = np.einsum("ij,ij->i", X, X, dtype=np.float64)
     if w is None:
-        weight_sum, weight_min = float(n), 1.0
+        weight_sum, weight_min, wsq = float(n), 1.0, float(sq_norm.sum())
     else:
         weight_sum, weight_min = float(w.sum(dtype=np.float64)), float(w.min())
-    return DataStats(n, weight_sum, weight_min, col_sum, col_m2, ())
+        wsq = float(np.dot(sq_norm, w))
+    return DataStats(n, weight_sum, weight_min, col_sum, col_m2, wsq, ())
 
 
 def combine_stats(a: DataStats, b: DataStats) -> DataStats:
@@ -69,6 +74,7 @@ def combine_stats(a: DataStats, b: DataStats) -> DataStats:
         min(a.weight_min, b.weight_min),
         a.col_sum + b.col_sum,
         m2,
+        a.weighted_sq_norm + b.weighted_sq_norm,
         a.bad_rows + b.bad_rows,
     )
 
