@@ -164,7 +164,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--chunk-rows", type=int, default=125_000)
-    p.add_argument("--cluster-std", type=float, default=6.0,
+    p.add_argument("--cluster-std", type=float, default=20.0,
                    help="overlapping blobs, so that Lloyd runs all iterations")
     p.add_argument("--data", default="data")
     p.add_argument("--skip-dask-ml", action="store_true")
