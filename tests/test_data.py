@@ -96,3 +96,14 @@ def test_open_zarr_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="empty"):
         open_zarr(tmp_path / "empty")
+
+
+def test_cached_copy_is_reblocked_into_whole_chunks():
+    X = da.zeros((1000, 4), chunks=(30, 4))
+    assert data.cache_block_rows(X, threads=2) == 240  # 4 blocks of 8 chunks
+    assert data.cache_block_rows(X, threads=1000) == 30  # never below a chunk
+    big = da.zeros((10**8, 32), chunks=(10**5, 32), dtype="f4")
+    rows = data.cache_block_rows(big, threads=2)
+    assert rows * 32 * 4 <= data.CACHE_BLOCK_BYTES and rows % 10**5 == 0
+    Xc, _, cached = data.cache(X, None, True, X)
+    assert cached and len(Xc.chunks[0]) < len(X.chunks[0])

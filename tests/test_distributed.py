@@ -42,7 +42,7 @@ def _reference(X, **kw):
 @pytest.mark.parametrize("cache", [True, False])
 def test_cluster_fit_equals_sync_fit(client, store, cache):
     X, path = store
-    ref = _reference(path)  # same chunks, same tree: the same bits
+    ref = _reference(path, cache=cache)  # same blocks, same tree: the same bits
     km = KMeans(5, random_state=3, cache=cache).fit(path)
     assert_array_equal(km.cluster_centers_, ref.cluster_centers_)
     assert km.inertia_ == ref.inertia_
@@ -63,7 +63,7 @@ def test_worker_killed_mid_fit_changes_nothing(client, store, monkeypatch):
     init = X[:5].astype(np.float64)
     params = dict(init=init, max_iter=12, tol=0)
     with dask.config.set(scheduler="sync"):
-        ref = KMeans(5, **params).fit(path)
+        ref = KMeans(5, cache=True, **params).fit(path)
 
     victim = sorted(client.scheduler_info()["workers"])[0]
     pid = client.run(os.getpid, workers=[victim])[victim]

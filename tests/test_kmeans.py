@@ -169,9 +169,9 @@ def test_streaming_and_cached_agree(tmp_path, blobs):
     X = blobs[0]
     path = write_store(tmp_path / "b.zarr", X, chunk_rows=3000)
     a = KMeans(6, random_state=0, cache=False).fit(path)
-    b = KMeans(6, random_state=0, cache=True).fit(path)
-    assert_allclose(a.cluster_centers_, b.cluster_centers_)
-    assert a.inertia_ == b.inertia_
+    b = KMeans(6, random_state=0, cache=True).fit(path)  # re-blocked: rounding differs
+    assert_allclose(a.cluster_centers_, b.cluster_centers_, rtol=1e-6)
+    assert a.inertia_ == pytest.approx(b.inertia_, rel=1e-9)
 
 
 def test_predict_transform_score(blobs):
