@@ -5,10 +5,7 @@ gradients, local neighbours) and the partials are combined by a tree reduction.
 """
 from __future__ import annotations
 
-try:
-    from dmlkit.connect import connect
-except ImportError:  # TEMP
-    pass
+from dmlkit.connect import connect
 from dmlkit.data import open_zarr
 from dmlkit.kmeans import KMeans
 

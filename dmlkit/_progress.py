@@ -9,6 +9,12 @@ class _NoBar:
     def set_postfix_str(self, s: str) -> None:
         pass
 
+    def reset(self, total: int | None = None) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -21,4 +27,10 @@ def progress_bar(enabled: bool, total: int, desc: str):
         return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, leave=True)
+    class _Bar(tqdm):
+        def finish(self) -> None:
+            """Converged early: the bar ends full, at the iterations actually run."""
+            self.total = self.n
+            self.refresh()
+
+    return _Bar(total=total, desc=desc, leave=True)

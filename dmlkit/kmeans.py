@@ -121,9 +121,14 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
     Notes
     -----
     Passes over the data: one per Lloyd iteration, plus ``init_rounds + 1``
-    for k-means|| (one for "k-means++" and "random", none for an array), plus
-    one at the end for the exact ``inertia_`` with respect to the final
-    centres. Each pass is one ``compute``.
+    for k-means|| (which also reads the one chunk holding its first centre),
+    one for "k-means++" and "random", none for an array, plus one at the end
+    for the exact ``inertia_`` with respect to the final centres. Each pass is
+    one ``compute``.
+
+    Convergence is tested on the centre shift only. scikit-learn also stops
+    when no label changed ("strict convergence"); then the shift is exactly 0,
+    so with ``tol=0`` both stop at the same iteration.
     The first pass also checks the data for NaN and inf and computes its
     variance, fused into the same tasks.
 
@@ -271,6 +276,7 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
             else:
                 bar.set_postfix_str(f"init {self.init}")
                 centers = self._init_centers(passes, seed, run)
+                bar.reset(total=self.max_iter)  # the rate counts Lloyd iterations only
             tol = None
             history: list[dict] = []
             converged = False
@@ -297,6 +303,7 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
                 bar.set_postfix_str(f"inertia {inertia:.6g}")
                 if shift <= tol:
                     converged = True
+                    bar.finish()
                     break
             final = passes.run(K.lloyd_partial, K.combine_lloyd,
                                {"centers": centers, "exact": True}, name="kmeans-inertia")
