@@ -138,13 +138,15 @@ class RowBlocks:
         """
         fan_in = check_split_every(split_every)
         parts, token = self.partials(kernel, params, name)
+        # the tree's keys depend on everything that shapes it
+        token = dask.base.tokenize(token, combine, fan_in)
         level = 0
         fold = dask.delayed(_fold_all, pure=True)
         while len(parts) > 1:
             parts = [
-                fold(combine, *parts[i : i + fan_in],
-                     dask_key_name=(f"{name}-combine{level}-{token}", i // fan_in))
-                for i in range(0, len(parts), fan_in)
+                group[0] if len(group) == 1 else
+                fold(combine, *group, dask_key_name=(f"{name}-combine-{token}", level, i))
+                for i, group in enumerate(parts[j : j + fan_in] for j in range(0, len(parts), fan_in))
             ]
             level += 1
         return parts[0]

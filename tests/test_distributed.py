@@ -85,3 +85,11 @@ def test_worker_killed_mid_fit_changes_nothing(client, store, monkeypatch):
     assert km.inertia_ == ref.inertia_
     client.wait_for_workers(2, timeout=60)  # the nanny restarted it...
     assert victim not in client.scheduler_info()["workers"]  # ...as a new worker
+
+
+def test_trees_of_different_fan_in_never_share_results(client, store):
+    """Keys of a tree depend on its shape, so the cluster never reuses another tree's result."""
+    X, path = store
+    km = KMeans(5, random_state=3).fit(path)
+    scores = [km.set_params(split_every=s).score(path) for s in (2, 3, 2, 3, 8, 2)]
+    assert_allclose(scores, scores[0], rtol=1e-9)

@@ -43,9 +43,24 @@ def test_offsets_and_fixed_order():
 def test_tree_depth_follows_split_every():
     Xd = da.from_array(np.zeros((64, 1)), chunks=(1, 1))
     out = _graph.RowBlocks(Xd).reduce(_sum_rows, add, {}, 4)
-    levels = {k[0].split("-combine")[1].split("-")[0] for k in out.dask if
-              isinstance(k, tuple) and "-combine" in str(k[0])}
-    assert levels == {"0", "1", "2"}  # 64 -> 16 -> 4 -> 1
+    levels = [k[1] for k in out.dask if isinstance(k, tuple) and "-combine-" in k[0]]
+    assert sorted(set(levels)) == [0, 1, 2]  # 64 -> 16 -> 4 -> 1
+    assert len(levels) == 16 + 4 + 1
+
+
+def test_single_input_groups_get_no_task():
+    Xd = da.from_array(np.zeros((10, 1)), chunks=(1, 1))
+    out = _graph.RowBlocks(Xd).reduce(_sum_rows, add, {}, 3)
+    combines = [k for k in out.dask if isinstance(k, tuple) and "-combine-" in k[0]]
+    assert len(combines) == 3 + 1 + 1  # 10 -> 3 tasks + 1 passed up -> 1 + 1 -> 1
+
+
+def test_trees_of_different_shape_have_different_keys():
+    Xd = da.from_array(np.zeros((20, 1)), chunks=(1, 1))
+    blocks = _graph.RowBlocks(Xd)
+    keys = {blocks.reduce(_sum_rows, add, {}, s).key for s in (2, 3, 4)}
+    keys.add(blocks.reduce(_sum_rows, _concat, {}, 2).key)
+    assert len(keys) == 4
 
 
 def test_parameters_enter_the_graph_once():
