@@ -173,3 +173,24 @@ def test_assign_weights_and_local_solvers():
     start = K.kmeans_plusplus(pts, w, 2, np.random.default_rng(0))
     centers = K.local_lloyd(pts, w, start)
     assert_allclose(np.sort(centers[:, 0]), [0, 5], atol=0.1)
+
+
+@pytest.mark.parametrize("k", [1, 2, 7, 8, 33, 300])
+def test_packed_nearest_equals_argmin_for_float32(k):
+    rng = np.random.default_rng(k)
+    X = rng.standard_normal((5000, 6)).astype(np.float32) * 1e3  # negative and positive scores
+    C = rng.standard_normal((k, 6)).astype(np.float32) * 1e3
+    c2 = np.einsum("ij,ij->i", C, C)
+    scores = X @ (-2.0 * C.T)
+    expect = (scores + c2).argmin(axis=1)
+    nearest = K._Nearest(k, 5000, np.dtype(np.float32), c2)
+    assert nearest.packed
+    assert_array_equal(nearest(scores.copy()), expect)
+
+
+def test_packed_nearest_picks_one_of_tied_duplicate_centres():
+    X = np.array([[0.0, 1.0], [5.0, 5.0]], dtype=np.float32)
+    C = np.array([[0.0, 0.0], [0.0, 0.0], [5.0, 5.0]], dtype=np.float32)
+    c2 = np.einsum("ij,ij->i", C, C)
+    labels = K._Nearest(3, 2, np.dtype(np.float32), c2)(X @ (-2.0 * C.T))
+    assert labels[0] in (0, 1) and labels[1] == 2

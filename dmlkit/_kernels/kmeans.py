@@ -27,7 +27,7 @@ from dmlkit._kernels.random import uniform_rows
 
 #: Rows per sub-block inside a chunk: keeps the (rows x clusters) distance
 #: matrix in cache and lets float32 partial sums be flushed to float64 often.
-BLOCK_ELEMENTS = 1 << 18
+BLOCK_ELEMENTS = 1 << 16
 
 
 def _block_rows(n_centers: int) -> int:
@@ -94,6 +94,42 @@ class LloydPartial(NamedTuple):
     inertia: float
 
 
+class _Nearest:
+    """Index of the smallest ``scores[i] + c2`` per row, reusing buffers across sub-blocks.
+
+    For float32 scores (and fewer than 2**29 centres) this avoids ``argmin``
+    along a short axis, which NumPy runs one row at a time. Each score is
+    widened to float64, where a float32 value leaves the 29 lowest mantissa
+    bits zero; the centre's index is written into those bits and one
+    vectorised minimum over the centres gives value and index together. A
+    float32 value then moves by less than half of one of its own units in the
+    last place, so distinct scores keep their order; only exactly equal scores
+    (duplicate centres) may pick another of the tied centres than ``argmin``.
+    """
+
+    def __init__(self, k: int, rows: int, dtype, c2: np.ndarray):
+        self.packed = dtype == np.float32 and k < 2**29
+        self.c2 = c2
+        if self.packed:
+            bits = max(1, int(k - 1).bit_length())
+            self.mask = np.int64((1 << bits) - 1)
+            self.codes = np.arange(k, dtype=np.int64)[:, None]
+            self.buf = np.empty((k, rows), dtype=np.float64)
+            self.c2col = c2[:, None]
+
+    def __call__(self, scores: np.ndarray) -> np.ndarray:
+        if not self.packed:
+            scores += self.c2
+            return scores.argmin(axis=1)
+        nb = scores.shape[0]
+        T = self.buf[:, :nb]
+        np.add(scores.T, self.c2col, out=T)  # float32 sum, widened exactly
+        Ti = T.view(np.int64)
+        Ti |= self.codes
+        best = np.minimum.reduce(T, axis=0)
+        return best.view(np.int64) & self.mask
+
+
 def lloyd_partial(
     X: np.ndarray, w: np.ndarray | None, offset: int, centers: np.ndarray, exact: bool = False
 ) -> LloydPartial:
@@ -131,13 +167,12 @@ def lloyd_partial(
     step = min(_block_rows(k), X.shape[0])
     scores = np.empty((step, k), dtype=X.dtype)
     onehot = np.empty((k, step), dtype=X.dtype)
+    nearest = _Nearest(k, step, X.dtype, c2)
     ids = np.arange(k)[:, None]
     for s in range(0, X.shape[0], step):
         Xb = X[s : s + step]
         nb = Xb.shape[0]
-        S = np.matmul(Xb, minus_2ct, out=scores[:nb])
-        S += c2
-        labels = S.argmin(axis=1)
+        labels = nearest(np.matmul(Xb, minus_2ct, out=scores[:nb]))
         members = np.equal(labels[None, :], ids, out=onehot[:, :nb])
         if w is None:
             weights += np.bincount(labels, minlength=k)
