@@ -261,9 +261,11 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         self.history_ = best["history"]
         self.n_passes_ = passes.count
         self.n_features_in_ = d
-        self.labels_ = self._predict_dask(X_in)
-        if not data.is_lazy(X):
-            (self.labels_,) = _graph.compute(self.labels_)
+        if data.is_lazy(X):
+            # lazy labels read X from its source, so the cached copy can be released
+            self.labels_ = self._predict_dask(X_in)
+        else:
+            (self.labels_,) = _graph.compute(self._predict_dask(Xd))
         return self
 
     def _fit_single(self, passes: _graph.Passes, seed: int, run: int, init_array) -> dict:
