@@ -23,5 +23,8 @@ bench: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) -m benchmarks kmeans
 
+lab: $(VENV)/.installed
+	$(VENV)/bin/jupyter lab --ip 127.0.0.1 --no-browser notebooks/
+
 clean:
 	rm -rf out data .pytest_cache

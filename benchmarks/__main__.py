@@ -1,6 +1,7 @@
 """Run a benchmark and write ``benchmarks/results/NAME.json`` and ``NAME.md``.
 
     python -m benchmarks kmeans [--rows N] [--skip-dask-ml] ...
+    python -m benchmarks outofcore [--size large]
 """
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import argparse
 import json
 from pathlib import Path
 
-from benchmarks import kmeans
+from benchmarks import kmeans, outofcore
 
-BENCHMARKS = {"kmeans": kmeans}
+BENCHMARKS = {"kmeans": kmeans, "outofcore": outofcore}
 
 
 def main(argv=None) -> None:
