@@ -1,7 +1,7 @@
 """The one place that turns per-chunk kernels into Dask graphs.
 
-A :class:`RowBlocks` holds the aligned row blocks of ``X`` (and optionally ``y``
-and sample weights) of one fit. :meth:`RowBlocks.reduce` maps a kernel over
+A :class:`RowBlocks` holds the aligned row blocks of ``X`` (and optionally its
+sample weights) of one fit. :meth:`RowBlocks.reduce` maps a kernel over
 every block with parameters shipped once (one literal key in the graph, sent
 to each worker once) and combines the partial results by a tree of fan-in
 ``split_every``. The tree's shape and the order inside every combine are fixed
@@ -21,6 +21,8 @@ from typing import Any, Callable, Sequence
 import dask
 import dask.array as da
 import numpy as np
+
+from dmlkit._kernels.stats import combine_stats, data_stats
 
 DEFAULT_SPLIT_EVERY = 8
 
@@ -186,8 +188,6 @@ class Passes:
 
     def run(self, kernel: Callable, combine: Callable, params: dict, name: str = "pass"):
         """One pass: map ``kernel``, tree-reduce with ``combine``, compute, return the record."""
-        from dmlkit._kernels.stats import combine_stats, data_stats
-
         if self.stats is None:
             k, c = fuse((kernel, combine), (data_stats, combine_stats))
             graph = self.blocks.reduce(k, c, {"params": [params, {}]}, self.split_every, name)
