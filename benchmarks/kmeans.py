@@ -80,6 +80,16 @@ def run(args: argparse.Namespace) -> dict:
         sk_s, _ = timed(lambda: sk.fit(X))
     ref = record("scikit-learn KMeans (in memory)", sk_s, sk.n_iter_, sk.inertia_,
                  note=f"{args.workers} threads")
+    if args.float64_reference:
+        # the same fit in float64: the inertia every float32 run should approach
+        X64 = X.astype(np.float64)
+        with threadpool_limits(limits=args.workers):
+            sk64 = SKKMeans(args.k, init=init, n_init=1, max_iter=it, tol=0, algorithm="lloyd")
+            secs, _ = timed(lambda: sk64.fit(X64))
+        record("scikit-learn KMeans float64 (reference)", secs, sk64.n_iter_, sk64.inertia_,
+               note="X converted to float64")
+        results["float64_inertia"] = float(sk64.inertia_)
+        del X64
 
     client = dmlkit.connect("local", n_workers=args.workers, threads_per_worker=1,
                             quiet=True)
@@ -100,6 +110,9 @@ def run(args: argparse.Namespace) -> dict:
             row["lloyd_seconds_per_iter"] = typical
             row["iteration_seconds"] = per_iter
             row["inertia_rel_diff_vs_sklearn"] = abs(km.inertia_ - sk.inertia_) / sk.inertia_
+            if "float64_inertia" in results:
+                f64 = results["float64_inertia"]
+                row["inertia_rel_diff_vs_float64"] = abs(km.inertia_ - f64) / f64
 
         if not args.skip_dask_ml:
             try:
@@ -155,6 +168,11 @@ def report(results: dict) -> str:
         "- ms / iteration: scikit-learn's fit time / iterations; dmlkit's median Lloyd pass "
         "(from `history_`, the first, which loads the store, left out).",
     ]
+    if "float64_inertia" in results:
+        f64 = results["float64_inertia"]
+        diffs = ", ".join(f"{r['method']} {abs(r['inertia'] - f64) / f64:.1e}"
+                          for r in results["rows"] if "reference" not in r["method"])
+        lines.append(f"- relative inertia difference from the float64 reference: {diffs}")
     if "dask_ml_fit_vs_cached_fit" in s:
         lines.append(f"- dask-ml fit time / dmlkit cached fit time: {s['dask_ml_fit_vs_cached_fit']:.1f}x")
     return "\n".join(lines) + "\n"
@@ -171,3 +189,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="overlapping blobs, so that Lloyd runs all iterations")
     p.add_argument("--data", default="data")
     p.add_argument("--skip-dask-ml", action="store_true")
+    p.add_argument("--float64-reference", action="store_true",
+                   help="also fit scikit-learn on a float64 copy (needs 3x the memory of X)")
