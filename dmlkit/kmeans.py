@@ -94,6 +94,9 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
     cache : {"auto", True, False}, default="auto"
         "auto" persists ``X`` in the cluster's memory when it takes at most
         half of it and streams it from its store on every pass otherwise.
+        The cached copy is re-blocked into about two blocks per worker thread
+        (whole chunks of ``X``), which cuts the tasks, and so the scheduler's
+        overhead, of every pass.
     progress : bool, default=False
         Show a progress bar (terminal or notebook) with the current inertia.
 
