@@ -8,6 +8,7 @@ from __future__ import annotations
 from dmlkit.connect import connect
 from dmlkit.data import open_zarr
 from dmlkit.kmeans import KMeans
+from dmlkit.linear_model import LinearRegression, LogisticRegression, Ridge
 
-__all__ = ["KMeans", "connect", "open_zarr"]
+__all__ = ["KMeans", "LinearRegression", "LogisticRegression", "Ridge", "connect", "open_zarr"]
 __version__ = "0.1.0"

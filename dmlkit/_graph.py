@@ -41,8 +41,10 @@ def _fold_all(combine: Callable, *parts: Any) -> Any:
     return _fold(combine, parts)
 
 
-def _call(kernel: Callable, X, w, offset: int, params: dict) -> Any:
-    return kernel(X, w, offset, **params)
+def _call(kernel: Callable, X, w, offset: int, params: dict, y=None) -> Any:
+    if y is None:
+        return kernel(X, w, offset, **params)
+    return kernel(X, w, offset, y=y, **params)
 
 
 class _Fused:
@@ -51,10 +53,10 @@ class _Fused:
     def __init__(self, kernels: Sequence[Callable]):
         self.kernels = tuple(kernels)
 
-    def __call__(self, X, w, offset, *, params: Sequence[dict]):
+    def __call__(self, X, w, offset, *, params: Sequence[dict], y=None):
         # the first pass may meet NaN/inf; the stats kernel reports them, quietly
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-            return tuple(k(X, w, offset, **p) for k, p in zip(self.kernels, params))
+            return tuple(_call(k, X, w, offset, p, y) for k, p in zip(self.kernels, params))
 
 
 class _FusedCombine:
@@ -74,11 +76,12 @@ def fuse(*pairs: tuple[Callable, Callable]) -> tuple[Callable, Callable]:
     return _Fused([p[0] for p in pairs]), _FusedCombine([p[1] for p in pairs])
 
 
-def _map_block(x, *rest, kernel, offsets, block_id=None):
-    """Blockwise body: ``kernel(X_block, w_block, offset, **params)``."""
-    params = rest[-1]
-    w = rest[0][:, 0] if len(rest) == 2 else None
-    return _call(kernel, x, w, int(offsets[block_id[0]]), params)
+def _map_block(x, *rest, kernel, offsets, has_w, block_id=None):
+    """Blockwise body: ``kernel(X_block, w_block, offset, [y=y_block,] **params)``."""
+    params, columns = rest[-1], list(rest[:-1])
+    w = columns.pop(0)[:, 0] if has_w else None
+    y = columns.pop(0)[:, 0] if columns else None
+    return _call(kernel, x, w, int(offsets[block_id[0]]), params, y)
 
 
 class RowBlocks:
@@ -90,6 +93,8 @@ class RowBlocks:
         One chunk along features (``dmlkit.data`` guarantees it).
     sample_weight : dask.array.Array of shape (n_samples,) or None
         Same row chunks as ``X``.
+    y : dask.array.Array of shape (n_samples,) or None
+        Same row chunks as ``X``; when given, kernels also receive ``y=`` its block.
 
     Notes
     -----
@@ -99,16 +104,19 @@ class RowBlocks:
     and never travels between workers.
     """
 
-    def __init__(self, X: da.Array, sample_weight: da.Array | None = None):
+    def __init__(self, X: da.Array, sample_weight: da.Array | None = None,
+                 y: da.Array | None = None):
         if X.numblocks[1] != 1:
             raise ValueError(f"X has {X.numblocks[1]} chunks along features; expected 1")
-        if sample_weight is not None and sample_weight.chunks[0] != X.chunks[0]:
-            raise ValueError("sample_weight must have the same row chunks as X")
+        for name, v in (("sample_weight", sample_weight), ("y", y)):
+            if v is not None and v.chunks[0] != X.chunks[0]:
+                raise ValueError(f"{name} must have the same row chunks as X")
         self.X = X
         self.sample_weight = sample_weight
+        self.y = y
         self.row_chunks = X.chunks[0]
         self.offsets = np.concatenate([[0], np.cumsum(self.row_chunks)[:-1]]).astype(np.int64)
-        self._args = [X] if sample_weight is None else [X, sample_weight[:, None]]
+        self._args = [X] + [v[:, None] for v in (sample_weight, y) if v is not None]
 
     @property
     def n_blocks(self) -> int:
@@ -120,6 +128,7 @@ class RowBlocks:
         token = dask.base.tokenize(kernel, shipped.key, *self._args)
         parts = da.map_blocks(
             _map_block, *self._args, shipped, kernel=kernel, offsets=self.offsets,
+            has_w=self.sample_weight is not None,
             name=f"{name}-map-{token}", dtype=object, chunks=((1,) * self.n_blocks, (1,)),
             meta=np.empty((0, 0), dtype=object),
         )

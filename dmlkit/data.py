@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from typing import Any
+from typing import Any, Sequence
 
 import dask
 import dask.array as da
@@ -254,9 +254,12 @@ def memory_budget() -> int:
 
 
 def cache(
-    X: da.Array, sample_weight: da.Array | None, cache: bool | str, source: Any
-) -> tuple[da.Array, da.Array | None, bool]:
-    """Apply an estimator's ``cache`` rule; return ``(X, sample_weight, cached)``.
+    X: da.Array, rows: Sequence[da.Array | None], cache: bool | str, source: Any
+) -> tuple[da.Array, tuple[da.Array | None, ...], bool]:
+    """Apply an estimator's ``cache`` rule to ``X`` and its row-aligned vectors.
+
+    ``rows`` holds ``y``, ``sample_weight`` and the like (None entries pass
+    through); they are kept aligned with ``X``. Returns ``(X, rows, cached)``.
 
     ``cache="auto"`` keeps in-memory inputs in memory (on the workers when a
     distributed client is active) and persists lazy inputs when they take at
@@ -268,25 +271,25 @@ def cache(
     """
     if cache not in ("auto", True, False):
         raise ValueError(f"cache={cache!r} should be 'auto', True or False")
+    rows = tuple(rows)
     in_memory = not is_lazy(source)
     if cache is False:
-        return X, sample_weight, False
+        return X, rows, False
     if cache == "auto" and not in_memory and X.nbytes > memory_budget():
-        return X, sample_weight, False
+        return X, rows, False
     if in_memory and _client() is None:
-        return X, sample_weight, True  # already in this process's memory
-    rows = cache_block_rows(X, _total_threads())
-    if rows > max(X.chunks[0]):
-        X = X.rechunk({0: rows})
-        if sample_weight is not None:
-            sample_weight = sample_weight.rechunk({0: rows})
+        return X, rows, True  # already in this process's memory
+    block = cache_block_rows(X, _total_threads())
+    if block > max(X.chunks[0]):
+        X = X.rechunk({0: block})
+        rows = tuple(None if v is None else v.rechunk({0: block}) for v in rows)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*large graph.*")
-        X, sample_weight = dask.persist(X, sample_weight)
-    return X, sample_weight, True
+        X, *rows = dask.persist(X, *rows)
+    return X, tuple(rows), True
 
 
-def check_stats(stats, row_chunks: tuple, weighted: bool) -> None:
+def check_stats(stats, row_chunks: tuple, weighted: bool, supervised: bool = False) -> None:
     """Raise a clear error for what the first pass found in the values.
 
     ``stats`` is a reduced :class:`dmlkit._kernels.stats.DataStats`.
@@ -295,7 +298,8 @@ def check_stats(stats, row_chunks: tuple, weighted: bool) -> None:
         starts = np.concatenate([[0], np.cumsum(row_chunks)])
         first, n = stats.bad_rows[0]
         chunk = int(np.searchsorted(starts, first, side="right") - 1)
-        what = "X or sample_weight" if weighted else "X"
+        names = ["X"] + ["y"] * supervised + ["sample_weight"] * weighted
+        what = " or ".join([", ".join(names[:-1]), names[-1]]) if len(names) > 1 else "X"
         more = f" and {len(stats.bad_rows) - 1} more chunk(s)" if len(stats.bad_rows) > 1 else ""
         raise ValueError(
             f"{what} contains NaN or inf in chunk {chunk} (rows {first} to {first + n - 1})"

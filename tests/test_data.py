@@ -79,15 +79,15 @@ def test_cache_rule(tmp_path, monkeypatch):
     X = np.ones((100, 2))
     path = write_store(tmp_path / "s.zarr", X, chunk_rows=10)
     lazy = data.as_matrix(path)
-    _, _, cached = data.cache(lazy, None, "auto", path)
+    _, _, cached = data.cache(lazy, [None], "auto", path)
     assert cached
     monkeypatch.setattr(data, "memory_budget", lambda: 100)  # store is 1600 bytes
-    Xc, _, cached = data.cache(lazy, None, "auto", path)
+    Xc, _, cached = data.cache(lazy, [None], "auto", path)
     assert not cached and Xc is lazy
-    _, _, cached = data.cache(lazy, None, True, path)
+    _, _, cached = data.cache(lazy, [None], True, path)
     assert cached
     with pytest.raises(ValueError, match="cache='yes'"):
-        data.cache(lazy, None, "yes", path)
+        data.cache(lazy, [None], "yes", path)
 
 
 def test_open_zarr_errors(tmp_path):
@@ -105,5 +105,5 @@ def test_cached_copy_is_reblocked_into_whole_chunks():
     big = da.zeros((10**8, 32), chunks=(10**5, 32), dtype="f4")
     rows = data.cache_block_rows(big, threads=2)
     assert rows * 32 * 4 <= data.CACHE_BLOCK_BYTES and rows % 10**5 == 0
-    Xc, _, cached = data.cache(X, None, True, X)
+    Xc, _, cached = data.cache(X, [None], True, X)
     assert cached and len(Xc.chunks[0]) < len(X.chunks[0])

@@ -37,12 +37,17 @@ class DataStats(NamedTuple):
     bad_rows: tuple
 
 
-def data_stats(X: np.ndarray, w: np.ndarray | None, offset: int) -> DataStats:
-    """Statistics of one row block ``X`` (rows ``offset ..``) with weights ``w``."""
+def data_stats(X: np.ndarray, w: np.ndarray | None, offset: int,
+               y: np.ndarray | None = None) -> DataStats:
+    """Statistics of one row block ``X`` (rows ``offset ..``) with weights ``w``.
+
+    NaN or inf in ``X``, ``w`` or (when given) ``y`` marks the block as bad.
+    """
     n = X.shape[0]
     finite = bool(np.isfinite(X).all()) if X.dtype.kind == "f" else True
-    if w is not None:
-        finite = finite and bool(np.isfinite(w).all())
+    for v in (w, y):
+        if v is not None and v.dtype.kind == "f":
+            finite = finite and bool(np.isfinite(v).all())
     if not finite or n == 0:
         d = X.shape[1]
         return DataStats(

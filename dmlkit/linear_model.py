@@ -1,0 +1,428 @@
+"""Distributed full-batch linear models: least squares, ridge and logistic regression.
+
+Every evaluation of the objective is one tree-reduced pass over the data
+computing the weighted sums of loss and gradient (and the Hessian for Newton)
+at the current parameters; the solvers work on those sums alone.
+"""
+from __future__ import annotations
+
+import numbers
+import os
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+from scipy.optimize import minimize
+from scipy.special import expit, softmax
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from sklearn.exceptions import ConvergenceWarning, NotFittedError
+
+from dmlkit import _graph, data
+from dmlkit._kernels.glm import combine_glm, glm_partial, n_params, split_theta
+from dmlkit._progress import progress_bar
+
+_SOLVERS = ("auto", "lbfgs", "newton")
+#: "auto" picks Newton up to this many parameters (its Hessian is p x p).
+NEWTON_MAX_PARAMS = 1000
+
+
+def _labels_to_index(y, classes):
+    return np.searchsorted(classes, y).astype(np.int64)
+
+
+def _take(index, values):
+    return values[index]
+
+
+def _class_weight_block(y, classes, table):
+    return table[np.searchsorted(classes, y)]
+
+
+def _linear_block(X, coef, intercept):
+    X = X if X.dtype.kind == "f" else X.astype(np.float64)
+    return (X @ coef.T.astype(X.dtype)).astype(np.float64) + intercept
+
+
+class _LinearModel(BaseEstimator):
+    """What the three estimators share: validation, the passes and the solvers."""
+
+    _family = "squared"
+
+    # ---------------------------------------------------------------- helpers
+    def _penalty_strength(self) -> float:
+        raise NotImplementedError
+
+    def _check_common(self):
+        if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, numbers.Integral) \
+                or self.max_iter < 1:
+            raise ValueError(f"max_iter={self.max_iter!r} should be an integer >= 1")
+        if not isinstance(self.tol, numbers.Real) or not self.tol > 0:
+            raise ValueError(f"tol={self.tol!r} should be a number > 0")
+        if self.solver not in _SOLVERS:
+            raise ValueError(f"solver={self.solver!r} should be one of {_SOLVERS}")
+        if not isinstance(self.fit_intercept, bool):
+            raise ValueError(f"fit_intercept={self.fit_intercept!r} should be True or False")
+        _graph.check_split_every(self.split_every)
+
+    def _solve(self, passes: _graph.Passes, n_features: int, n_classes: int) -> np.ndarray:
+        """Minimise ``(sum_i w_i loss_i + lam/2 ||coef||^2) / sum_i w_i``; assumes validated input."""
+        family, fit_intercept = self._family, self.fit_intercept
+        p = n_params(family, n_features, n_classes, fit_intercept)
+        solver = self.solver
+        if solver == "auto":
+            solver = "newton" if family != "multinomial" and p <= NEWTON_MAX_PARAMS else "lbfgs"
+        if solver == "newton" and family == "multinomial":
+            raise ValueError("solver='newton' handles binary logistic and least squares; "
+                             "use solver='lbfgs' for more than two classes")
+        lam = self._penalty_strength()
+        mask = np.ones(p)
+        if fit_intercept:
+            k = n_classes if family == "multinomial" else 1
+            mask[k * n_features:] = 0.0  # the intercept is never penalised
+        common = dict(family=family, fit_intercept=fit_intercept, n_classes=n_classes)
+        self.history_ = []
+        bar = progress_bar(self.progress, total=self.max_iter, desc=type(self).__name__)
+
+        def evaluate(theta, hessian=False):
+            t0 = time.perf_counter()
+            part = passes.run(glm_partial, combine_glm,
+                              {"theta": theta, "hessian": hessian, **common},
+                              name=f"{family}-{'newton' if hessian else 'grad'}")
+            scale = 1.0 / part.weight
+            f = (part.loss + 0.5 * lam * float(theta @ (mask * theta))) * scale
+            g = (part.grad + lam * mask * theta) * scale
+            H = None if part.hess is None else (part.hess + lam * np.diag(mask)) * scale
+            return f, g, H, time.perf_counter() - t0
+
+        theta = np.zeros(p)
+        try:
+            if solver == "lbfgs":
+                theta = self._lbfgs(evaluate, theta, bar)
+            else:
+                theta = self._newton(evaluate, theta, bar)
+        finally:
+            bar.close()
+        self.n_passes_ = passes.count
+        if not self.converged_:
+            warnings.warn(
+                f"{type(self).__name__} did not converge in max_iter={self.max_iter} "
+                f"iterations (solver={solver!r}); increase max_iter or tol",
+                ConvergenceWarning, stacklevel=3)
+        return theta
+
+    def _record(self, f, g, step, seconds, passes, bar):
+        self.history_.append({"iteration": len(self.history_) + 1, "objective": f,
+                              "grad_norm": float(np.abs(g).max()), "step": step,
+                              "seconds": seconds, "passes": passes})
+        bar.update(1)
+        bar.set_postfix_str(f"objective {f:.6g}")
+
+    def _lbfgs(self, evaluate, theta, bar):
+        """scipy's L-BFGS-B; every function evaluation is one pass (loss and gradient)."""
+        last = {"theta": theta, "g": None, "passes": 0, "seconds": 0.0}
+
+        def fun(t):
+            f, g, _, sec = evaluate(t)
+            last["g"] = g
+            last["passes"] += 1
+            last["seconds"] += sec
+            return f, g
+
+        def callback(intermediate_result):
+            x = intermediate_result.x
+            step = float(np.abs(x - last["theta"]).max())
+            last["theta"] = x.copy()
+            self._record(float(intermediate_result.fun), last["g"], step, last["seconds"],
+                         last["passes"], bar)
+            last["passes"], last["seconds"] = 0, 0.0
+
+        res = minimize(fun, theta, jac=True, method="L-BFGS-B", callback=callback,
+                       options={"maxiter": self.max_iter, "gtol": self.tol, "maxls": 50,
+                                "ftol": 64 * np.finfo(float).eps})
+        self.n_iter_ = int(res.nit)
+        self.converged_ = bool(res.success)
+        return res.x
+
+    def _newton(self, evaluate, theta, bar):
+        """Newton's method with step halving; one pass (gradient and Hessian) per trial point."""
+        f, g, H, sec = evaluate(theta, hessian=True)
+        passes, seconds = 1, sec
+        for _ in range(self.max_iter):
+            if np.abs(g).max() <= self.tol:
+                break
+            try:
+                direction = -np.linalg.solve(H, g)
+            except np.linalg.LinAlgError:
+                direction = -np.linalg.lstsq(H, g, rcond=None)[0]
+            step, accepted = 1.0, False
+            for _ in range(20):  # backtracking: each trial point is one pass
+                candidate = theta + step * direction
+                f_new, g_new, H_new, sec = evaluate(candidate, hessian=True)
+                passes, seconds = passes + 1, seconds + sec
+                if f_new <= f + 1e-4 * step * float(g @ direction):
+                    accepted = True
+                    break
+                step *= 0.5
+            if not accepted:
+                break  # no decrease left within floating point precision: stop
+            theta, f, g, H = candidate, f_new, g_new, H_new
+            self._record(f, g, float(step * np.abs(direction).max()), seconds, passes, bar)
+            passes, seconds = 0, 0.0
+        self.converged_ = bool(np.abs(g).max() <= self.tol)
+        self.n_iter_ = len(self.history_)
+        return theta
+
+    def _prepare(self, X, y, sample_weight):
+        """Validated dask arrays ``(X_in, y_in, w_in)``; ``y`` defaults to the store's ``y``."""
+        X_in = data.as_matrix(X)
+        if y is None:
+            source = data.open_zarr(X) if isinstance(X, (str, os.PathLike)) else X
+            if not (hasattr(source, "data_vars") and "y" in source):
+                raise ValueError("y is None: pass the targets, or a Zarr store or xarray "
+                                 "Dataset that holds 'y'")
+            y = source["y"]
+        y_in = data.as_rows(y, X_in, "y")
+        w_in = data.check_sample_weight(sample_weight, X_in)
+        return X_in, y_in, w_in
+
+    def _run(self, X_in, y_fit, w_fit, source, n_classes):
+        Xd, (yd, wd), _ = data.cache(X_in, [y_fit, w_fit], self.cache, source)
+        blocks = _graph.RowBlocks(Xd, wd, yd)
+        passes = _graph.Passes(blocks, self.split_every, check=lambda s: data.check_stats(
+            s, blocks.row_chunks, wd is not None, supervised=True))
+        return self._solve(passes, X_in.shape[1], n_classes)
+
+    def _check_fitted(self, X):
+        if not hasattr(self, "coef_"):
+            raise NotFittedError(f"This {type(self).__name__} instance is not fitted yet; "
+                                 "call fit first")
+        Xd = data.as_matrix(X)
+        if Xd.shape[1] != self.n_features_in_:
+            raise ValueError(f"X has {Xd.shape[1]} features; {type(self).__name__} was fitted "
+                             f"with n_features_in_={self.n_features_in_}")
+        return Xd
+
+    def _decision(self, X):
+        Xd = self._check_fitted(X)
+        coef = np.atleast_2d(self.coef_)
+        intercept = np.atleast_1d(self.intercept_).astype(np.float64)
+        out = _graph.map_rows(Xd, _linear_block, {"coef": coef, "intercept": intercept},
+                              np.float64, n_columns=coef.shape[0])
+        return out
+
+
+class LinearRegression(RegressorMixin, _LinearModel):
+    """Ordinary least squares, fitted by distributed Newton (one pass) or L-BFGS.
+
+    Minimises ``sum_i w_i (y_i - x_i coef - intercept)^2`` like
+    :class:`sklearn.linear_model.LinearRegression`.
+
+    Parameters
+    ----------
+    fit_intercept : bool, default=True
+    solver : {"auto", "newton", "lbfgs"}, default="auto"
+        "newton" solves the normal equations from one pass computing
+        ``X^T W X`` and ``X^T W y`` (a second pass confirms the gradient is 0);
+        "auto" uses it up to 1,000 features.
+    max_iter : int, default=100
+    tol : float, default=1e-8
+        Stop when the largest gradient entry of the objective divided by the
+        total weight is at most ``tol``.
+    split_every : int or None, default=None
+    cache : {"auto", True, False}, default="auto"
+    progress : bool, default=False
+
+    Attributes
+    ----------
+    coef_ : ndarray of shape (n_features,)
+    intercept_ : float
+    n_iter_, converged_, history_, n_passes_, n_features_in_
+
+    Notes
+    -----
+    Newton costs one pass per iteration (two in all for least squares);
+    L-BFGS one pass per function evaluation.
+    """
+
+    _family = "squared"
+
+    def __init__(self, *, fit_intercept: bool = True, solver: str = "auto", max_iter: int = 100,
+                 tol: float = 1e-8, split_every: int | None = None, cache: bool | str = "auto",
+                 progress: bool = False):
+        self.fit_intercept = fit_intercept
+        self.solver = solver
+        self.max_iter = max_iter
+        self.tol = tol
+        self.split_every = split_every
+        self.cache = cache
+        self.progress = progress
+
+    def _penalty_strength(self) -> float:
+        return 0.0
+
+    def fit(self, X: Any, y: Any = None, sample_weight: Any = None):
+        """Fit on ``X`` (array, dask, xarray or Zarr path) and ``y`` (or the store's ``y``)."""
+        self._check_common()
+        X_in, y_in, w_in = self._prepare(X, y, sample_weight)
+        if y_in.dtype.kind not in "fiub":
+            raise TypeError(f"y.dtype={y_in.dtype} is not numeric")
+        theta = self._run(X_in, y_in, w_in, X, 1)
+        coef, intercept = split_theta(theta, "squared", X_in.shape[1], self.fit_intercept)
+        self.coef_ = coef[0]
+        self.intercept_ = float(intercept[0])
+        self.n_features_in_ = X_in.shape[1]
+        return self
+
+    def predict(self, X: Any) -> Any:
+        """Predictions; a lazy dask array for lazy input."""
+        out = self._decision(X)[:, 0]
+        return out if data.is_lazy(X) else _graph.compute(out)[0]
+
+
+class Ridge(LinearRegression):
+    """Least squares with an L2 penalty ``alpha ||coef||^2`` (intercept not penalised).
+
+    Same parameters as :class:`LinearRegression` plus ``alpha`` (float >= 0,
+    default 1.0), meaning what it means in :class:`sklearn.linear_model.Ridge`.
+    """
+
+    def __init__(self, alpha: float = 1.0, *, fit_intercept: bool = True, solver: str = "auto",
+                 max_iter: int = 100, tol: float = 1e-8, split_every: int | None = None,
+                 cache: bool | str = "auto", progress: bool = False):
+        super().__init__(fit_intercept=fit_intercept, solver=solver, max_iter=max_iter, tol=tol,
+                         split_every=split_every, cache=cache, progress=progress)
+        self.alpha = alpha
+
+    def _penalty_strength(self) -> float:
+        if not isinstance(self.alpha, numbers.Real) or not self.alpha >= 0:
+            raise ValueError(f"alpha={self.alpha!r} should be a number >= 0")
+        # sum w r^2 + alpha ||c||^2 = 2 (sum w r^2 / 2 + alpha/2 ||c||^2)
+        return float(self.alpha)
+
+
+class LogisticRegression(ClassifierMixin, _LinearModel):
+    """Logistic regression, binary or multinomial, by distributed Newton or L-BFGS.
+
+    Minimises scikit-learn's objective ``C sum_i w_i loss_i + ||coef||^2 / 2``
+    (``penalty="l2"``; no penalty with ``penalty=None``): the binary log loss
+    for two classes, the multinomial (softmax) loss for more. Coefficients can
+    be compared one to one with :class:`sklearn.linear_model.LogisticRegression`.
+
+    Parameters
+    ----------
+    penalty : {"l2", None}, default="l2"
+        L1 and elastic net (a proximal solver) are not available yet and raise.
+    C : float > 0, default=1.0
+    fit_intercept : bool, default=True
+    class_weight : dict, "balanced" or None, default=None
+    solver : {"auto", "newton", "lbfgs"}, default="auto"
+        "auto" is Newton for two classes up to 1,000 features, else L-BFGS.
+    max_iter : int, default=100
+    tol : float, default=1e-6
+        Stop when the largest gradient entry of the objective divided by the
+        total weight is at most ``tol`` (scikit-learn's ``gtol``).
+    split_every, cache, progress
+        As in :class:`dmlkit.KMeans`.
+
+    Attributes
+    ----------
+    classes_ : ndarray of shape (n_classes,)
+    coef_ : ndarray of shape (1, n_features) or (n_classes, n_features)
+    intercept_ : ndarray of shape (1,) or (n_classes,)
+    n_iter_, converged_, history_ (objective, grad_norm, step, seconds, passes), n_passes_
+
+    Notes
+    -----
+    Finding the classes costs one pass over ``y``. Newton costs one pass per
+    trial point (gradient and Hessian together); L-BFGS one pass per function
+    evaluation (loss and gradient together).
+    """
+
+    def __init__(self, penalty: str | None = "l2", *, C: float = 1.0, fit_intercept: bool = True,
+                 class_weight: Any = None, solver: str = "auto", max_iter: int = 100,
+                 tol: float = 1e-6, split_every: int | None = None, cache: bool | str = "auto",
+                 progress: bool = False):
+        self.penalty = penalty
+        self.C = C
+        self.fit_intercept = fit_intercept
+        self.class_weight = class_weight
+        self.solver = solver
+        self.max_iter = max_iter
+        self.tol = tol
+        self.split_every = split_every
+        self.cache = cache
+        self.progress = progress
+
+    def _penalty_strength(self) -> float:
+        return 1.0 / self.C if self.penalty == "l2" else 0.0
+
+    def fit(self, X: Any, y: Any = None, sample_weight: Any = None) -> "LogisticRegression":
+        """Fit on ``X`` (array, dask, xarray or Zarr path) and labels ``y`` (or the store's ``y``)."""
+        self._check_common()
+        if self.penalty not in ("l2", None):
+            if self.penalty in ("l1", "elasticnet"):
+                raise ValueError(f"penalty={self.penalty!r} needs a proximal solver, which "
+                                 "dmlkit does not have yet; use penalty='l2' or None")
+            raise ValueError(f"penalty={self.penalty!r} should be 'l2' or None")
+        if isinstance(self.C, bool) or not isinstance(self.C, numbers.Real) or not self.C > 0:
+            raise ValueError(f"C={self.C!r} should be a number > 0")
+        X_in, y_in, w_in = self._prepare(X, y, sample_weight)
+        import dask.array as da
+
+        classes, counts = _graph.compute(*da.unique(y_in, return_counts=True))
+        if classes.size < 2:
+            raise ValueError(f"y has a single class ({classes.tolist()}); LogisticRegression "
+                             "needs samples of at least 2 classes")
+        self.classes_ = classes
+        K = classes.size
+        y_idx = y_in.map_blocks(_labels_to_index, classes, dtype=np.int64)
+        w_fit = self._class_weights(w_in, y_in, classes, counts)
+        self._family = "binomial" if K == 2 else "multinomial"
+        theta = self._run(X_in, y_idx, w_fit, X, K)
+        coef, intercept = split_theta(theta, self._family, X_in.shape[1], self.fit_intercept)
+        self.coef_, self.intercept_ = coef, intercept.copy()
+        self.n_features_in_ = X_in.shape[1]
+        return self
+
+    def _class_weights(self, w_in, y_in, classes, counts):
+        cw = self.class_weight
+        if cw is None:
+            return w_in
+        if cw == "balanced":
+            table = counts.sum() / (classes.size * counts.astype(np.float64))
+        elif isinstance(cw, dict):
+            unknown = set(cw) - set(classes.tolist())
+            if unknown:
+                raise ValueError(f"class_weight has classes {sorted(unknown)} that are not in y "
+                                 f"(classes: {classes.tolist()})")
+            table = np.array([float(cw.get(c, 1.0)) for c in classes.tolist()])
+        else:
+            raise ValueError(f"class_weight={cw!r} should be a dict, 'balanced' or None")
+        per_row = y_in.map_blocks(_class_weight_block, classes, table, dtype=np.float64)
+        return per_row if w_in is None else per_row * w_in
+
+    def decision_function(self, X: Any) -> Any:
+        """``X coef^T + intercept``: shape (n_samples,) for two classes, else (n_samples, n_classes)."""
+        out = self._decision(X)
+        out = out[:, 0] if self.classes_.size == 2 else out
+        return out if data.is_lazy(X) else _graph.compute(out)[0]
+
+    def predict_proba(self, X: Any) -> Any:
+        """Class probabilities, shape (n_samples, n_classes)."""
+        Z = self._decision(X)
+        if self.classes_.size == 2:
+            p1 = Z.map_blocks(expit, dtype=np.float64)
+            import dask.array as da
+
+            out = da.concatenate([1 - p1, p1], axis=1)
+        else:
+            out = Z.map_blocks(softmax, axis=1, dtype=np.float64)
+        return out if data.is_lazy(X) else _graph.compute(out)[0]
+
+    def predict(self, X: Any) -> Any:
+        """Most probable class of each row."""
+        Z = self._decision(X)
+        idx = (Z[:, 0] > 0).astype(np.int64) if self.classes_.size == 2 else Z.argmax(axis=1)
+        out = idx.map_blocks(_take, self.classes_, dtype=self.classes_.dtype)
+        return out if data.is_lazy(X) else _graph.compute(out)[0]

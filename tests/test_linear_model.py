@@ -1,0 +1,215 @@
+"""Linear, ridge and logistic regression against scikit-learn."""
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose, assert_array_equal
+from sklearn import linear_model as sk
+from sklearn.exceptions import ConvergenceWarning
+
+from dmlkit import LinearRegression, LogisticRegression, Ridge
+from dmlkit._kernels.glm import glm_partial
+
+
+@pytest.fixture(scope="module")
+def problem():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((4000, 5))
+    beta = rng.standard_normal(5)
+    p = 1 / (1 + np.exp(-(X @ beta + 0.3)))
+    return {
+        "X": X,
+        "binary": (rng.random(4000) < p).astype(int),
+        "multi": np.argmax(X[:, :3] + rng.gumbel(size=(4000, 3)), axis=1),
+        "reg": X @ beta + 0.5 + rng.standard_normal(4000),
+        "w": rng.uniform(0.5, 2.0, 4000),
+    }
+
+
+TIGHT = {"tol": 1e-10, "max_iter": 200}
+
+
+@pytest.mark.parametrize("solver", ["newton", "lbfgs"])
+@pytest.mark.parametrize("fit_intercept", [True, False])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_binary_logistic_matches_sklearn(problem, solver, fit_intercept, weighted):
+    X, y = problem["X"], problem["binary"]
+    w = problem["w"] if weighted else None
+    ours = LogisticRegression(C=0.5, solver=solver, fit_intercept=fit_intercept, **TIGHT).fit(
+        X, y, sample_weight=w)
+    ref = sk.LogisticRegression(C=0.5, fit_intercept=fit_intercept, solver="newton-cholesky",
+                                tol=1e-12, max_iter=1000).fit(X, y, sample_weight=w)
+    assert ours.coef_.shape == (1, 5) and ours.intercept_.shape == (1,)
+    assert_allclose(ours.coef_, ref.coef_, rtol=1e-6, atol=1e-7)
+    assert_allclose(ours.intercept_, ref.intercept_, atol=1e-7)
+    assert ours.converged_
+    assert_allclose(ours.predict_proba(X), ref.predict_proba(X), atol=1e-7)
+    assert_array_equal(ours.predict(X), ref.predict(X))
+
+
+@pytest.mark.parametrize("C", [0.1, 10.0])
+def test_multinomial_matches_sklearn(problem, C):
+    X, y = problem["X"], problem["multi"]
+    ours = LogisticRegression(C=C, **TIGHT).fit(X, y)
+    ref = sk.LogisticRegression(C=C, tol=1e-12, max_iter=2000).fit(X, y)
+    assert ours.coef_.shape == (3, 5)
+    assert_allclose(ours.coef_, ref.coef_, rtol=1e-5, atol=1e-6)
+    assert_allclose(ours.intercept_, ref.intercept_, atol=1e-6)
+    assert_allclose(ours.predict_proba(X), ref.predict_proba(X), atol=1e-6)
+
+
+def test_no_penalty_matches_sklearn(problem):
+    X, y = problem["X"], problem["binary"]
+    ours = LogisticRegression(penalty=None, **TIGHT).fit(X, y)
+    ref = sk.LogisticRegression(C=np.inf, solver="newton-cholesky", tol=1e-12).fit(X, y)
+    assert_allclose(ours.coef_, ref.coef_, rtol=1e-6, atol=1e-7)
+
+
+def test_class_weight_equals_sample_weight(problem):
+    X, y = problem["X"], problem["binary"]
+    a = LogisticRegression(class_weight={0: 2.0, 1: 0.5}, **TIGHT).fit(X, y)
+    b = LogisticRegression(**TIGHT).fit(X, y, sample_weight=np.where(y == 0, 2.0, 0.5))
+    assert_allclose(a.coef_, b.coef_, rtol=1e-9)
+    bal = LogisticRegression(class_weight="balanced", **TIGHT).fit(X, y)
+    ref = sk.LogisticRegression(class_weight="balanced", solver="newton-cholesky",
+                                tol=1e-12).fit(X, y)
+    assert_allclose(bal.coef_, ref.coef_, rtol=1e-6, atol=1e-7)
+
+
+def test_string_labels(problem):
+    X = problem["X"]
+    y = np.array(["cat", "dog", "emu"])[problem["multi"]]
+    ours = LogisticRegression(**TIGHT).fit(X, y)
+    assert_array_equal(ours.classes_, ["cat", "dog", "emu"])
+    ref = sk.LogisticRegression(tol=1e-12, max_iter=2000).fit(X, y)
+    assert_array_equal(ours.predict(X), ref.predict(X))
+
+
+@pytest.mark.parametrize("solver", ["newton", "lbfgs"])
+@pytest.mark.parametrize("fit_intercept", [True, False])
+def test_ridge_and_least_squares_match_sklearn(problem, solver, fit_intercept):
+    X, y, w = problem["X"], problem["reg"], problem["w"]
+    r = Ridge(alpha=3.0, solver=solver, fit_intercept=fit_intercept, **TIGHT).fit(
+        X, y, sample_weight=w)
+    ref = sk.Ridge(alpha=3.0, fit_intercept=fit_intercept).fit(X, y, sample_weight=w)
+    assert_allclose(r.coef_, ref.coef_, rtol=1e-7, atol=1e-8)
+    assert r.intercept_ == pytest.approx(ref.intercept_, abs=1e-8)
+    ols = LinearRegression(solver=solver, fit_intercept=fit_intercept, **TIGHT).fit(X, y)
+    ref = sk.LinearRegression(fit_intercept=fit_intercept).fit(X, y)
+    assert_allclose(ols.coef_, ref.coef_, rtol=1e-7, atol=1e-8)
+    assert_allclose(ols.predict(X), ref.predict(X), atol=1e-7)
+
+
+def test_least_squares_newton_takes_two_passes(problem):
+    ols = LinearRegression(solver="newton").fit(problem["X"], problem["reg"])
+    assert ols.n_passes_ == 2 and ols.n_iter_ == 1
+
+
+def test_newton_one_pass_per_iteration(problem):
+    m = LogisticRegression(solver="newton", tol=1e-8).fit(problem["X"], problem["binary"])
+    passes = [h["passes"] for h in m.history_]
+    assert passes[0] == 2  # the start point, then the first step
+    assert all(p == 1 for p in passes[1:])  # full Newton steps: one pass each
+    assert m.n_passes_ == sum(passes)
+    assert {"objective", "grad_norm", "step", "seconds", "passes"} <= set(m.history_[0])
+    objectives = [h["objective"] for h in m.history_]
+    assert all(b <= a for a, b in zip(objectives, objectives[1:]))
+
+
+@pytest.mark.parametrize("chunks", [4000, 777, (1000, 10, 2990)])
+@pytest.mark.parametrize("split_every", [2, 8])
+def test_independent_of_chunking(problem, chunks, split_every):
+    X, y = problem["X"], problem["multi"]
+    ref = LogisticRegression(**TIGHT).fit(X, y)
+    Xd = da.from_array(X, chunks=(chunks, 5))
+    yd = da.from_array(y, chunks=(Xd.chunks[0],))
+    ours = LogisticRegression(split_every=split_every, **TIGHT).fit(Xd, yd)
+    assert_allclose(ours.coef_, ref.coef_, rtol=1e-7, atol=1e-9)
+    assert isinstance(ours.predict(Xd), da.Array)
+
+
+def test_fit_from_zarr_store_reads_y_from_it(tmp_path):
+    from dmlkit.datasets import make_classification
+
+    path = make_classification(tmp_path / "c.zarr", 6000, 4, chunk_rows=1000, random_state=0)
+    import dmlkit
+
+    ds = dmlkit.open_zarr(path)
+    ours = LogisticRegression(C=100.0).fit(path)  # float32 data: the default tol
+    ref = sk.LogisticRegression(C=100.0, solver="newton-cholesky").fit(
+        ds["X"].values, ds["y"].values)
+    assert ours.converged_ and ours.coef_.dtype == np.float64
+    assert_allclose(ours.coef_, ref.coef_, rtol=1e-4, atol=1e-5)
+    true = ds["coef"].values
+    assert np.corrcoef(ours.coef_.ravel(), true.ravel())[0, 1] > 0.95
+
+
+def test_max_iter_reached_warns(problem):
+    with pytest.warns(ConvergenceWarning, match="did not converge in max_iter=1"):
+        m = LogisticRegression(solver="lbfgs", max_iter=1).fit(problem["X"], problem["binary"])
+    assert not m.converged_
+
+
+def test_glm_kernel_gradient_matches_finite_differences():
+    rng = np.random.default_rng(1)
+    X, y = rng.standard_normal((300, 3)), rng.integers(0, 3, 300)
+    theta = rng.standard_normal(12) * 0.3
+    kw = dict(y=y, family="multinomial", fit_intercept=True, n_classes=3)
+    g = glm_partial(X, None, 0, theta=theta, **kw).grad
+    eps = 1e-6
+    num = [(glm_partial(X, None, 0, theta=theta + eps * e, **kw).loss
+            - glm_partial(X, None, 0, theta=theta - eps * e, **kw).loss) / (2 * eps)
+           for e in np.eye(12)]
+    assert_allclose(g, num, rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------- bad input
+def test_single_class():
+    with pytest.raises(ValueError, match=r"y has a single class \(\[1\]\)"):
+        LogisticRegression().fit(np.zeros((5, 2)), np.ones(5, dtype=int))
+
+
+def test_y_not_aligned():
+    with pytest.raises(ValueError, match="y has 4 rows but X has 5"):
+        LogisticRegression().fit(np.zeros((5, 2)), [0, 1, 0, 1])
+
+
+def test_y_wrong_shape():
+    with pytest.raises(ValueError, match=r"y should be 1-D"):
+        LogisticRegression().fit(np.zeros((5, 2)), np.zeros((5, 3)))
+
+
+def test_non_finite_values_name_the_chunk(problem):
+    X = problem["X"].copy()
+    X[2500, 1] = np.nan
+    Xd = da.from_array(X, chunks=(1000, 5))
+    with pytest.raises(ValueError, match=r"X or y contains NaN or inf in chunk 2"):
+        LogisticRegression().fit(Xd, problem["binary"])
+    y = problem["reg"].copy()
+    y[10] = np.inf
+    with pytest.raises(ValueError, match=r"X or y contains NaN or inf in chunk 0"):
+        Ridge().fit(problem["X"], y)
+
+
+@pytest.mark.parametrize("params, msg", [
+    ({"C": 0}, "C=0 should be a number > 0"),
+    ({"C": -1.0}, "C=-1.0 should be a number > 0"),
+    ({"penalty": "l1"}, "penalty='l1' needs a proximal solver"),
+    ({"penalty": "l3"}, "penalty='l3' should be 'l2' or None"),
+    ({"solver": "sgd"}, "solver='sgd' should be one of"),
+    ({"tol": 0}, "tol=0 should be a number > 0"),
+])
+def test_bad_parameters(problem, params, msg):
+    with pytest.raises(ValueError, match=msg):
+        LogisticRegression(**params).fit(problem["X"], problem["binary"])
+
+
+def test_newton_refuses_multinomial(problem):
+    with pytest.raises(ValueError, match="use solver='lbfgs' for more than two classes"):
+        LogisticRegression(solver="newton").fit(problem["X"], problem["multi"])
+
+
+def test_ridge_negative_alpha(problem):
+    with pytest.raises(ValueError, match="alpha=-1 should be a number >= 0"):
+        Ridge(alpha=-1).fit(problem["X"], problem["reg"])
