@@ -22,7 +22,7 @@ from dmlkit import _graph, data
 from dmlkit._kernels.glm import combine_glm, glm_partial, n_params, split_theta
 from dmlkit._progress import progress_bar
 
-_SOLVERS = ("auto", "lbfgs", "newton")
+_SOLVERS = ("auto", "lbfgs", "newton", "gd")
 #: "auto" picks Newton up to this many parameters (its Hessian is p x p).
 NEWTON_MAX_PARAMS = 1000
 
@@ -97,10 +97,8 @@ class _LinearModel(BaseEstimator):
 
         theta = np.zeros(p)
         try:
-            if solver == "lbfgs":
-                theta = self._lbfgs(evaluate, theta, bar)
-            else:
-                theta = self._newton(evaluate, theta, bar)
+            solve = {"lbfgs": self._lbfgs, "newton": self._newton, "gd": self._gd}[solver]
+            theta = solve(evaluate, theta, bar)
         finally:
             bar.close()
         self.n_passes_ = passes.count
@@ -143,6 +141,44 @@ class _LinearModel(BaseEstimator):
         self.n_iter_ = int(res.nit)
         self.converged_ = bool(res.success)
         return res.x
+
+    def _gd(self, evaluate, theta, bar):
+        """Gradient descent ``theta <- theta - eta grad``, one pass per iteration.
+
+        The first step is ``1 / L`` with ``L`` the largest eigenvalue of the
+        Hessian at the start, computed in the same first pass (at ``theta = 0``
+        the logistic curvature is at its maximum, so this bounds it
+        everywhere); multinomial starts from ``eta = 1``. Later steps are
+        Barzilai-Borwein ``s.s / s.y`` from the last two iterates, which needs
+        no extra pass. A step that raises the objective above the largest of
+        the last 10 values is halved and retried (one pass per retry).
+        """
+        hessian = self._family != "multinomial"
+        f, g, H, sec = evaluate(theta, hessian=hessian)
+        passes, seconds = 1, sec
+        eta = 1.0 / max(float(np.linalg.eigvalsh(H)[-1]), 1e-12) if hessian else 1.0
+        recent = [f]
+        for _ in range(self.max_iter):
+            if np.abs(g).max() <= self.tol:
+                break
+            for _ in range(30):
+                candidate = theta - eta * g
+                f_new, g_new, _, sec = evaluate(candidate)
+                passes, seconds = passes + 1, seconds + sec
+                if f_new <= max(recent) - 1e-4 * eta * float(g @ g):
+                    break
+                eta *= 0.5
+            s_, y_ = candidate - theta, g_new - g
+            sy = float(s_ @ y_)
+            theta, f, g = candidate, f_new, g_new
+            self._record(f, g, eta, seconds, passes, bar)
+            passes, seconds = 0, 0.0
+            recent = (recent + [f])[-10:]
+            if sy > 0:
+                eta = float(s_ @ s_) / sy
+        self.converged_ = bool(np.abs(g).max() <= self.tol)
+        self.n_iter_ = len(self.history_)
+        return theta
 
     def _newton(self, evaluate, theta, bar):
         """Newton's method with step halving; one pass (gradient and Hessian) per trial point."""
@@ -221,7 +257,7 @@ class LinearRegression(RegressorMixin, _LinearModel):
     Parameters
     ----------
     fit_intercept : bool, default=True
-    solver : {"auto", "newton", "lbfgs"}, default="auto"
+    solver : {"auto", "newton", "lbfgs", "gd"}, default="auto"
         "newton" solves the normal equations from one pass computing
         ``X^T W X`` and ``X^T W y`` (a second pass confirms the gradient is 0);
         "auto" uses it up to 1,000 features.
@@ -316,8 +352,10 @@ class LogisticRegression(ClassifierMixin, _LinearModel):
     C : float > 0, default=1.0
     fit_intercept : bool, default=True
     class_weight : dict, "balanced" or None, default=None
-    solver : {"auto", "newton", "lbfgs"}, default="auto"
+    solver : {"auto", "newton", "lbfgs", "gd"}, default="auto"
         "auto" is Newton for two classes up to 1,000 features, else L-BFGS.
+        "gd" is plain gradient descent with Barzilai-Borwein steps (the
+        course's first solver; slower to converge).
     max_iter : int, default=100
     tol : float, default=1e-6
         Stop when the largest gradient entry of the objective divided by the

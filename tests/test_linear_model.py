@@ -213,3 +213,14 @@ def test_newton_refuses_multinomial(problem):
 def test_ridge_negative_alpha(problem):
     with pytest.raises(ValueError, match="alpha=-1 should be a number >= 0"):
         Ridge(alpha=-1).fit(problem["X"], problem["reg"])
+
+
+@pytest.mark.parametrize("target", ["binary", "multi"])
+def test_gradient_descent_reaches_the_same_optimum(problem, target):
+    X, y = problem["X"], problem[target]
+    gd = LogisticRegression(solver="gd", tol=1e-8, max_iter=1000).fit(X, y)
+    ref = LogisticRegression(solver="lbfgs", **TIGHT).fit(X, y)
+    assert gd.converged_
+    assert_allclose(gd.coef_, ref.coef_, rtol=1e-5, atol=1e-6)
+    # Barzilai-Borwein steps need no extra pass: about one pass per iteration
+    assert gd.n_passes_ <= 1.2 * gd.n_iter_ + 2
