@@ -9,6 +9,8 @@ from dmlkit.connect import connect
 from dmlkit.data import open_zarr
 from dmlkit.kmeans import KMeans
 from dmlkit.linear_model import LinearRegression, LogisticRegression, Ridge
+from dmlkit.preprocessing import StandardScaler
 
-__all__ = ["KMeans", "LinearRegression", "LogisticRegression", "Ridge", "connect", "open_zarr"]
+__all__ = ["KMeans", "LinearRegression", "LogisticRegression", "Ridge", "StandardScaler",
+           "connect", "open_zarr"]
 __version__ = "0.1.0"

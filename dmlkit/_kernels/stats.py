@@ -87,3 +87,41 @@ def combine_stats(a: DataStats, b: DataStats) -> DataStats:
 def mean_variance(stats: DataStats) -> float:
     """Mean over features of the (population) variance of each column."""
     return float(np.mean(stats.col_m2 / max(stats.n_rows, 1)))
+
+
+class Moments(NamedTuple):
+    """Weighted first and second moments of the columns of some rows.
+
+    weight : float -- total weight
+    col_sum : ndarray of shape (n_features,) -- weighted column sums
+    col_m2 : ndarray of shape (n_features,) -- weighted sums of squared deviations
+        from the rows' weighted column means
+    """
+
+    weight: float
+    col_sum: np.ndarray
+    col_m2: np.ndarray
+
+
+def moments(X: np.ndarray, w: np.ndarray | None, offset: int) -> Moments:
+    """:class:`Moments` of one row block (float64 accumulators)."""
+    Xf = X.astype(np.float64, copy=False) if X.dtype.kind != "f" else X
+    wf = np.ones(X.shape[0]) if w is None else np.asarray(w, dtype=np.float64)
+    weight = float(wf.sum())
+    if weight == 0:
+        return Moments(0.0, np.zeros(X.shape[1]), np.zeros(X.shape[1]))
+    col_sum = (wf.astype(Xf.dtype) @ Xf).astype(np.float64)
+    mean = col_sum / weight
+    dev = Xf - mean.astype(Xf.dtype)
+    col_m2 = (wf.astype(Xf.dtype) @ (dev * dev)).astype(np.float64)
+    return Moments(weight, col_sum, col_m2)
+
+
+def combine_moments(a: Moments, b: Moments) -> Moments:
+    """Chan et al.'s pairwise merge, weighted."""
+    weight = a.weight + b.weight
+    if a.weight == 0 or b.weight == 0:
+        return Moments(weight, a.col_sum + b.col_sum, a.col_m2 + b.col_m2)
+    delta = b.col_sum / b.weight - a.col_sum / a.weight
+    m2 = a.col_m2 + b.col_m2 + delta**2 * (a.weight * b.weight / weight)
+    return Moments(weight, a.col_sum + b.col_sum, m2)
