@@ -195,8 +195,9 @@ def test_non_finite_values_name_the_chunk(problem):
 @pytest.mark.parametrize("params, msg", [
     ({"C": 0}, "C=0 should be a number > 0"),
     ({"C": -1.0}, "C=-1.0 should be a number > 0"),
-    ({"penalty": "l1"}, "penalty='l1' needs a proximal solver"),
-    ({"penalty": "l3"}, "penalty='l3' should be 'l2' or None"),
+    ({"penalty": "l1", "solver": "lbfgs"}, "solver='lbfgs' cannot handle an L1 penalty"),
+    ({"penalty": "l3"}, "penalty='l3' should be 'l2', 'l1', 'elasticnet' or None"),
+    ({"penalty": "elasticnet"}, "l1_ratio=None should be a number in"),
     ({"solver": "sgd"}, "solver='sgd' should be one of"),
     ({"tol": 0}, "tol=0 should be a number > 0"),
 ])
@@ -224,3 +225,20 @@ def test_gradient_descent_reaches_the_same_optimum(problem, target):
     assert_allclose(gd.coef_, ref.coef_, rtol=1e-5, atol=1e-6)
     # Barzilai-Borwein steps need no extra pass: about one pass per iteration
     assert gd.n_passes_ <= 1.2 * gd.n_iter_ + 2
+
+
+@pytest.mark.parametrize("target", ["binary", "multi"])
+@pytest.mark.parametrize("penalty, l1_ratio", [("l1", None), ("elasticnet", 0.5)])
+def test_l1_and_elastic_net_match_sklearn(problem, target, penalty, l1_ratio):
+    X, y = problem["X"], problem[target]
+    C = 0.05 if target == "multi" else 0.002  # strong enough to zero some coefficients
+    ours = LogisticRegression(penalty=penalty, l1_ratio=l1_ratio, C=C, tol=1e-9,
+                              max_iter=5000).fit(X, y)
+    ref = sk.LogisticRegression(C=C, l1_ratio=1.0 if penalty == "l1" else l1_ratio,
+                                solver="saga", tol=1e-12, max_iter=100000).fit(X, y)
+    assert ours.converged_
+    assert_allclose(ours.coef_, ref.coef_, atol=1e-6)
+    assert_allclose(ours.intercept_, ref.intercept_, atol=1e-6)
+    assert_array_equal(ours.coef_ == 0, np.abs(ref.coef_) < 1e-8)  # the same sparsity
+    assert (ours.coef_ == 0).any()
+    assert ours.n_passes_ <= ours.n_iter_ + 2  # FISTA: one pass per iteration
