@@ -120,10 +120,15 @@ class _LinearModel(BaseEstimator):
             bar.close()
         self.n_passes_ = passes.count
         if not self.converged_:
-            warnings.warn(
-                f"{type(self).__name__} did not converge in max_iter={self.max_iter} "
-                f"iterations (solver={solver!r}); increase max_iter or tol",
-                ConvergenceWarning, stacklevel=3)
+            if self.n_iter_ >= self.max_iter:
+                why = f"did not converge in max_iter={self.max_iter} iterations"
+                fix = "increase max_iter or tol"
+            else:
+                why = (f"stopped after {self.n_iter_} iterations: no step lowers the objective "
+                       "any more within floating point precision")
+                fix = "tol is below what this data's precision allows; increase it"
+            warnings.warn(f"{type(self).__name__} {why} (solver={solver!r}, tol={self.tol}); {fix}",
+                          ConvergenceWarning, stacklevel=3)
         return theta
 
     def _record(self, f, g, step, seconds, passes, bar):

@@ -93,3 +93,47 @@ def test_trees_of_different_fan_in_never_share_results(client, store):
     km = KMeans(5, random_state=3).fit(path)
     scores = [km.set_params(split_every=s).score(path) for s in (2, 3, 2, 3, 8, 2)]
     assert_allclose(scores, scores[0], rtol=1e-9)
+
+
+@pytest.fixture(scope="module")
+def classification_store(tmp_path_factory):
+    from dmlkit.datasets import make_classification
+
+    return make_classification(tmp_path_factory.mktemp("c") / "c.zarr", 20_000, 5,
+                               chunk_rows=2000, random_state=1)
+
+
+def test_logistic_regression_on_cluster_equals_sync(client, classification_store):
+    from dmlkit import LogisticRegression
+
+    with dask.config.set(scheduler="sync"):
+        ref = LogisticRegression(solver="lbfgs", cache=True).fit(classification_store)
+    ours = LogisticRegression(solver="lbfgs", cache=True).fit(classification_store)
+    assert_array_equal(ours.coef_, ref.coef_)
+    assert ours.n_passes_ == ref.n_passes_
+
+
+def test_worker_killed_during_logistic_fit_changes_nothing(client, classification_store,
+                                                           monkeypatch):
+    from dmlkit import LogisticRegression
+
+    params = dict(solver="newton", cache=True)
+    with dask.config.set(scheduler="sync"):
+        ref = LogisticRegression(**params).fit(classification_store)
+    victim = sorted(client.scheduler_info()["workers"])[0]
+    pid = client.run(os.getpid, workers=[victim])[victim]
+    calls = {"n": 0}
+    real_solve = np.linalg.solve
+
+    def solve_and_sabotage(*args, **kwargs):  # one call per Newton iteration, on the client
+        calls["n"] += 1
+        if calls["n"] == 2:
+            threading.Timer(0.01, os.kill, (pid, signal.SIGKILL)).start()
+        return real_solve(*args, **kwargs)
+
+    monkeypatch.setattr(np.linalg, "solve", solve_and_sabotage)
+    ours = LogisticRegression(**params).fit(classification_store)
+    assert calls["n"] >= 3
+    assert_array_equal(ours.coef_, ref.coef_)
+    client.wait_for_workers(2, timeout=60)
+    assert victim not in client.scheduler_info()["workers"]

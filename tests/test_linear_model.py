@@ -242,3 +242,12 @@ def test_l1_and_elastic_net_match_sklearn(problem, target, penalty, l1_ratio):
     assert_array_equal(ours.coef_ == 0, np.abs(ref.coef_) < 1e-8)  # the same sparsity
     assert (ours.coef_ == 0).any()
     assert ours.n_passes_ <= ours.n_iter_ + 2  # FISTA: one pass per iteration
+
+
+def test_precision_floor_is_reported_not_called_max_iter(tmp_path):
+    from dmlkit.datasets import make_classification
+
+    path = make_classification(tmp_path / "c.zarr", 20_000, 4, chunk_rows=5000, random_state=0)
+    with pytest.warns(ConvergenceWarning, match="no step lowers the objective"):
+        m = LogisticRegression(solver="newton", tol=1e-14, max_iter=100).fit(path)
+    assert m.n_iter_ < 100 and not m.converged_
