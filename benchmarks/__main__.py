@@ -2,6 +2,7 @@
 
     python -m benchmarks kmeans [--rows N] [--skip-dask-ml] ...
     python -m benchmarks outofcore [--size large]
+    python -m benchmarks logreg [--rows N] [--classes K] ...
 """
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import argparse
 import json
 from pathlib import Path
 
-from benchmarks import kmeans, outofcore
+from benchmarks import kmeans, logreg, outofcore
 
-BENCHMARKS = {"kmeans": kmeans, "outofcore": outofcore}
+BENCHMARKS = {"kmeans": kmeans, "outofcore": outofcore, "logreg": logreg}
 
 
 def main(argv=None) -> None:
