@@ -59,13 +59,13 @@ def split_theta(theta: np.ndarray, family: str, n_features: int, fit_intercept: 
 
 
 def _gram(X: np.ndarray, v: np.ndarray, fit_intercept: bool) -> np.ndarray:
-    """``[X 1]^T diag(v) [X 1]`` in float64 (X^T diag(v) X computed in X's dtype)."""
+    """``[X 1]^T diag(v) [X 1]`` in float64 (the products in X's dtype)."""
     d = X.shape[1]
-    Xv = X * v.astype(X.dtype, copy=False)[:, None]
+    vx = v.astype(X.dtype, copy=False)
     out = np.empty((d + fit_intercept, d + fit_intercept))
-    out[:d, :d] = Xv.T @ X
+    out[:d, :d] = (X * vx[:, None]).T @ X
     if fit_intercept:
-        col = Xv.sum(axis=0, dtype=np.float64)
+        col = vx @ X
         out[:d, d] = out[d, :d] = col
         out[d, d] = float(v.sum())
     return out
