@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from scipy.special import expit, logsumexp
+from scipy.special import logsumexp
 
 from dmlkit._kernels.kmeans import _as_float
 
@@ -130,8 +130,11 @@ def glm_partial(
             loss += 0.5 * float(wb @ (r * r))
             curvature = wb
         else:
-            loss += float(wb @ (np.logaddexp(0.0, z) - yf * z))
-            p = expit(z)
+            # one exp serves both the log loss and the probability
+            e = np.exp(-np.abs(z))
+            loss += float(wb @ (np.maximum(z, 0.0) + np.log1p(e) - yf * z))
+            inv = 1.0 / (1.0 + e)
+            p = np.where(z >= 0, inv, e * inv)
             r = p - yf
             curvature = wb * p * (1.0 - p)
         wr = wb * r
