@@ -31,6 +31,14 @@ def _labels_to_index(y, classes):
     return np.searchsorted(classes, y).astype(np.int64)
 
 
+def _probabilities(Z):
+    """Class probabilities from decision values: sigmoid for one column, softmax for more."""
+    if Z.shape[1] == 1:
+        p1 = expit(Z)
+        return np.hstack([1.0 - p1, p1])
+    return softmax(Z, axis=1)
+
+
 def _take(index, values):
     return values[index]
 
@@ -161,7 +169,9 @@ class _LinearModel(BaseEstimator):
                        options={"maxiter": self.max_iter, "gtol": self.tol, "maxls": 50,
                                 "ftol": 64 * np.finfo(float).eps})
         self.n_iter_ = int(res.nit)
-        self.converged_ = bool(res.success)
+        # judged on the gradient, like the other solvers: scipy also stops when
+        # the objective no longer decreases, which float32 data reach first
+        self.converged_ = bool(np.abs(res.jac).max() <= self.tol)
         return res.x
 
     def _l1_strength(self) -> float:
@@ -274,7 +284,7 @@ class _LinearModel(BaseEstimator):
             except np.linalg.LinAlgError:
                 direction = -np.linalg.lstsq(H, g, rcond=None)[0]
             step, accepted = 1.0, False
-            for _ in range(20):  # backtracking: each trial point is one pass
+            for _ in range(8):  # backtracking: each trial point is one pass
                 candidate = theta + step * direction
                 f_new, g_new, H_new, sec = evaluate(candidate, hessian=True)
                 passes, seconds = passes + 1, seconds + sec
@@ -355,7 +365,11 @@ class LinearRegression(RegressorMixin, _LinearModel):
     ----------
     coef_ : ndarray of shape (n_features,)
     intercept_ : float
-    n_iter_, converged_, history_, n_passes_, n_features_in_
+    n_iter_, converged_, n_passes_, n_features_in_
+    history_ : list of dict
+        Per iteration: ``objective`` (scikit-learn's objective divided by
+        twice the total weight: ``sum w r^2 / 2 + alpha ||coef||^2 / 2``, over
+        ``sum w``), ``grad_norm``, ``step``, ``seconds``, ``passes``.
 
     Notes
     -----
@@ -456,7 +470,17 @@ class LogisticRegression(ClassifierMixin, _LinearModel):
     classes_ : ndarray of shape (n_classes,)
     coef_ : ndarray of shape (1, n_features) or (n_classes, n_features)
     intercept_ : ndarray of shape (1,) or (n_classes,)
-    n_iter_, converged_, history_ (objective, grad_norm, step, seconds, passes), n_passes_
+    n_iter_ : int
+    converged_ : bool
+        Whether the largest entry of the (scaled) gradient, or of the
+        gradient mapping for FISTA, reached ``tol``.
+    history_ : list of dict
+        Per iteration: ``objective`` (scikit-learn's objective divided by
+        ``C * sum(sample_weight)``, i.e. the mean loss plus the penalty over
+        ``C`` times the total weight), ``grad_norm`` (largest entry of its
+        gradient), ``step``, ``seconds`` and ``passes`` over the data.
+    n_passes_ : int
+        Passes over the data in all (the pass finding the classes excluded).
 
     Notes
     -----
@@ -551,13 +575,8 @@ class LogisticRegression(ClassifierMixin, _LinearModel):
     def predict_proba(self, X: Any) -> Any:
         """Class probabilities, shape (n_samples, n_classes)."""
         Z = self._decision(X)
-        if self.classes_.size == 2:
-            p1 = Z.map_blocks(expit, dtype=np.float64)
-            import dask.array as da
-
-            out = da.concatenate([1 - p1, p1], axis=1)
-        else:
-            out = Z.map_blocks(softmax, axis=1, dtype=np.float64)
+        out = Z.map_blocks(_probabilities, dtype=np.float64,
+                           chunks=(Z.chunks[0], (self.classes_.size,)))
         return out if data.is_lazy(X) else _graph.compute(out)[0]
 
     def predict(self, X: Any) -> Any:
