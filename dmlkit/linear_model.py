@@ -292,7 +292,10 @@ class _LinearModel(BaseEstimator):
                     accepted = True
                     break
                 step *= 0.5
-            if not accepted:
+            if not accepted or f - f_new <= 4 * np.finfo(float).eps * abs(f):
+                if accepted:  # the objective cannot decrease any more: keep the point, stop
+                    theta, f, g, H = candidate, f_new, g_new, H_new
+                    self._record(f, g, float(step * np.abs(direction).max()), seconds, passes, bar)
                 break  # no decrease left within floating point precision: stop
             theta, f, g, H = candidate, f_new, g_new, H_new
             self._record(f, g, float(step * np.abs(direction).max()), seconds, passes, bar)

@@ -20,7 +20,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from scipy.special import logsumexp
 
 from dmlkit._kernels.kmeans import _as_float
 
@@ -115,9 +114,13 @@ def glm_partial(
         if family == "multinomial":
             yi = np.asarray(yb, dtype=np.int64)
             rows = np.arange(Xb.shape[0])
-            lse = logsumexp(Z, axis=1)
-            loss += float(wb @ (lse - Z[rows, yi]))
-            R = np.exp(Z - lse[:, None])
+            # one exponential per entry: shifted by the row maximum, reused for the probabilities
+            zmax = Z.max(axis=1)
+            R = Z - zmax[:, None]
+            np.exp(R, out=R)
+            total = R.sum(axis=1)
+            loss += float(wb @ (np.log(total) - (Z[rows, yi] - zmax)))
+            R /= total[:, None]
             R[rows, yi] -= 1.0
             R *= wb[:, None]
             g_coef += R.T.astype(X.dtype) @ Xb
