@@ -156,6 +156,24 @@ def as_matrix(X: Any, name: str = "X") -> da.Array:
     return arr
 
 
+def as_fitted_matrix(estimator: Any, X: Any, fitted_attr: str) -> da.Array:
+    """``X`` for a fitted estimator's ``predict``/``transform``: fitted, same feature count.
+
+    Raises ``NotFittedError`` when ``fitted_attr`` is missing and ValueError when
+    ``X`` has another number of features than ``estimator.n_features_in_``.
+    """
+    name = type(estimator).__name__
+    if not hasattr(estimator, fitted_attr):
+        from sklearn.exceptions import NotFittedError
+
+        raise NotFittedError(f"This {name} instance is not fitted yet; call fit first")
+    Xd = as_matrix(X)
+    if Xd.shape[1] != estimator.n_features_in_:
+        raise ValueError(f"X has {Xd.shape[1]} features; {name} was fitted with "
+                         f"n_features_in_={estimator.n_features_in_}")
+    return Xd
+
+
 def as_rows(v: Any, X: da.Array, name: str) -> da.Array | None:
     """Validate a per-row vector (``y``, ``sample_weight``) against ``X``'s rows.
 

@@ -209,17 +209,6 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
             raise ValueError("init contains NaN or inf")
         return init
 
-    def _check_fitted_X(self, X: Any):
-        if not hasattr(self, "cluster_centers_"):
-            from sklearn.exceptions import NotFittedError
-
-            raise NotFittedError("This KMeans instance is not fitted yet; call fit first")
-        Xd = data.as_matrix(X)
-        if Xd.shape[1] != self.n_features_in_:
-            raise ValueError(f"X has {Xd.shape[1]} features; KMeans was fitted with "
-                             f"n_features_in_={self.n_features_in_}")
-        return Xd
-
     # -------------------------------------------------------------------- fit
     def fit(self, X: Any, y: Any = None, sample_weight: Any = None) -> "KMeans":
         """Compute k-means clustering.
@@ -375,7 +364,7 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         -------
         labels : ndarray of shape (n_samples,); a lazy dask array for lazy input
         """
-        labels = self._predict_dask(self._check_fitted_X(X))
+        labels = self._predict_dask(data.as_fitted_matrix(self, X, "cluster_centers_"))
         return labels if data.is_lazy(X) else _graph.compute(labels)[0]
 
     def fit_predict(self, X: Any, y: Any = None, sample_weight: Any = None) -> Any:
@@ -389,14 +378,14 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         -------
         distances : ndarray of shape (n_samples, n_clusters); lazy for lazy input
         """
-        Xd = self._check_fitted_X(X)
+        Xd = data.as_fitted_matrix(self, X, "cluster_centers_")
         out = _graph.map_rows(Xd, _distances_block, {"centers": self.cluster_centers_},
                               self.cluster_centers_.dtype, n_columns=self.n_clusters)
         return out if data.is_lazy(X) else _graph.compute(out)[0]
 
     def score(self, X: Any, y: Any = None, sample_weight: Any = None) -> float:
         """Opposite of the weighted inertia of ``X`` with respect to the fitted centres (one pass)."""
-        Xd = self._check_fitted_X(X)
+        Xd = data.as_fitted_matrix(self, X, "cluster_centers_")
         w = data.check_sample_weight(sample_weight, Xd)
         blocks = _graph.RowBlocks(Xd, w)
         passes = _graph.Passes(blocks, self.split_every,

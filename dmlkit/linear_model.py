@@ -16,7 +16,7 @@ import numpy as np
 from scipy.optimize import minimize
 from scipy.special import expit, softmax
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
-from sklearn.exceptions import ConvergenceWarning, NotFittedError
+from sklearn.exceptions import ConvergenceWarning
 
 from dmlkit import _graph, data
 from dmlkit._kernels.glm import combine_glm, glm_partial, n_params, split_theta
@@ -324,18 +324,8 @@ class _LinearModel(BaseEstimator):
             s, blocks.row_chunks, wd is not None, supervised=True))
         return self._solve(passes, X_in.shape[1], n_classes)
 
-    def _check_fitted(self, X):
-        if not hasattr(self, "coef_"):
-            raise NotFittedError(f"This {type(self).__name__} instance is not fitted yet; "
-                                 "call fit first")
-        Xd = data.as_matrix(X)
-        if Xd.shape[1] != self.n_features_in_:
-            raise ValueError(f"X has {Xd.shape[1]} features; {type(self).__name__} was fitted "
-                             f"with n_features_in_={self.n_features_in_}")
-        return Xd
-
     def _decision(self, X):
-        Xd = self._check_fitted(X)
+        Xd = data.as_fitted_matrix(self, X, "coef_")
         coef = np.atleast_2d(self.coef_)
         intercept = np.atleast_1d(self.intercept_).astype(np.float64)
         out = _graph.map_rows(Xd, _linear_block, {"coef": coef, "intercept": intercept},

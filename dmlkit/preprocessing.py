@@ -5,7 +5,6 @@ from typing import Any
 
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
-from sklearn.exceptions import NotFittedError
 
 from dmlkit import _graph, data
 from dmlkit._kernels.stats import combine_moments, moments
@@ -79,12 +78,7 @@ class StandardScaler(TransformerMixin, BaseEstimator):
         return self
 
     def _apply(self, X: Any, inverse: bool) -> Any:
-        if not hasattr(self, "n_features_in_"):
-            raise NotFittedError("This StandardScaler instance is not fitted yet; call fit first")
-        Xd = data.as_matrix(X)
-        if Xd.shape[1] != self.n_features_in_:
-            raise ValueError(f"X has {Xd.shape[1]} features; StandardScaler was fitted with "
-                             f"n_features_in_={self.n_features_in_}")
+        Xd = data.as_fitted_matrix(self, X, "n_features_in_")
         d = self.n_features_in_
         mean = self.mean_ if self.mean_ is not None else np.zeros(d)
         scale = self.scale_ if self.scale_ is not None else np.ones(d)
