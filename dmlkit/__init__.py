@@ -10,7 +10,9 @@ from dmlkit.data import open_zarr
 from dmlkit.kmeans import KMeans
 from dmlkit.linear_model import LinearRegression, LogisticRegression, Ridge
 from dmlkit.preprocessing import StandardScaler
+from dmlkit.sgd import SGDClassifier, SGDRegressor
 
-__all__ = ["KMeans", "LinearRegression", "LogisticRegression", "Ridge", "StandardScaler",
+__all__ = ["KMeans", "LinearRegression", "LogisticRegression", "Ridge", "SGDClassifier",
+           "SGDRegressor", "StandardScaler",
            "connect", "open_zarr"]
 __version__ = "0.1.0"

@@ -105,7 +105,7 @@ class RowBlocks:
     """
 
     def __init__(self, X: da.Array, sample_weight: da.Array | None = None,
-                 y: da.Array | None = None):
+                 y: da.Array | None = None, offsets: Sequence[int] | None = None):
         if X.numblocks[1] != 1:
             raise ValueError(f"X has {X.numblocks[1]} chunks along features; expected 1")
         for name, v in (("sample_weight", sample_weight), ("y", y)):
@@ -115,12 +115,43 @@ class RowBlocks:
         self.sample_weight = sample_weight
         self.y = y
         self.row_chunks = X.chunks[0]
-        self.offsets = np.concatenate([[0], np.cumsum(self.row_chunks)[:-1]]).astype(np.int64)
+        self.offsets = (np.concatenate([[0], np.cumsum(self.row_chunks)[:-1]]).astype(np.int64)
+                        if offsets is None else np.asarray(offsets, dtype=np.int64))
+        if self.offsets.shape != (self.n_blocks,):
+            raise ValueError(f"offsets has shape {self.offsets.shape}; expected ({self.n_blocks},)")
         self._args = [X] + [v[:, None] for v in (sample_weight, y) if v is not None]
 
     @property
     def n_blocks(self) -> int:
         return len(self.row_chunks)
+
+    def select(self, indices: Sequence[int], transform: Callable | None = None,
+               params: dict | None = None) -> "RowBlocks":
+        """The blocks ``indices`` (in that order), each optionally transformed, held in memory.
+
+        ``transform(block, offset, **params)`` must keep the rows' number (e.g. a
+        permutation seeded by the block's global ``offset``); it is applied to
+        ``X``, the weights and ``y`` alike. The selected blocks keep their global
+        offsets, and are persisted: later passes over them read memory, not the
+        store. Drop the returned object to release them.
+        """
+        indices = [int(i) for i in indices]
+        offsets = self.offsets[indices]
+        columns = [self.X, self.sample_weight, self.y]
+        picked = []
+        for v in columns:
+            if v is None:
+                picked.append(None)
+                continue
+            part = da.concatenate([v.blocks[i] for i in indices], axis=0)
+            if transform is not None:
+                part = part.map_blocks(_transform_block, transform, offsets,
+                                       dask.delayed(params or {}, traverse=False, pure=True),
+                                       dtype=part.dtype)
+            picked.append(part)
+        picked = list(dask.persist(*[v for v in picked if v is not None]))
+        X, w, y = (picked.pop(0) if v is not None else None for v in columns)
+        return RowBlocks(X, w, y, offsets=offsets)
 
     def partials(self, kernel: Callable, params: dict | None = None, name: str = "partial"):
         """The per-block partial results, one ``Delayed`` per row block, in row order."""
@@ -161,6 +192,10 @@ class RowBlocks:
             ]
             level += 1
         return parts[0]
+
+
+def _transform_block(block, transform, offsets, params, block_id=None):
+    return transform(block, int(offsets[block_id[0]]), **params)
 
 
 def map_rows(X: da.Array, func: Callable, params: dict, dtype, n_columns: int | None = None) -> da.Array:

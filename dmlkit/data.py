@@ -272,7 +272,8 @@ def memory_budget() -> int:
 
 
 def cache(
-    X: da.Array, rows: Sequence[da.Array | None], cache: bool | str, source: Any
+    X: da.Array, rows: Sequence[da.Array | None], cache: bool | str, source: Any,
+    block_rows: int | None = None,
 ) -> tuple[da.Array, tuple[da.Array | None, ...], bool]:
     """Apply an estimator's ``cache`` rule to ``X`` and its row-aligned vectors.
 
@@ -286,18 +287,27 @@ def cache(
     never does. A persisted copy is re-blocked along rows into a few large
     blocks per worker thread (:func:`cache_block_rows`); results then differ
     from a streamed fit only by floating point rounding.
+
+    ``block_rows`` fixes the blocks instead, cached or not: every block but the
+    last has exactly ``block_rows`` rows, whatever the input's chunking
+    (estimators whose arithmetic follows the blocks, like SGD, need that to give
+    the same answer for every chunking).
     """
     if cache not in ("auto", True, False):
         raise ValueError(f"cache={cache!r} should be 'auto', True or False")
     rows = tuple(rows)
     in_memory = not is_lazy(source)
+    if block_rows is not None:
+        if X.chunks[0][:-1] != (block_rows,) * (len(X.chunks[0]) - 1) or X.chunks[0][-1] > block_rows:
+            X = X.rechunk({0: block_rows})
+            rows = tuple(None if v is None else v.rechunk({0: block_rows}) for v in rows)
     if cache is False:
         return X, rows, False
     if cache == "auto" and not in_memory and X.nbytes > memory_budget():
         return X, rows, False
     if in_memory and _client() is None:
         return X, rows, True  # already in this process's memory
-    block = cache_block_rows(X, _total_threads())
+    block = cache_block_rows(X, _total_threads()) if block_rows is None else 0
     if block > max(X.chunks[0]):
         X = X.rechunk({0: block})
         rows = tuple(None if v is None else v.rechunk({0: block}) for v in rows)

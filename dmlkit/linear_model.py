@@ -52,6 +52,96 @@ def _linear_block(X, coef, intercept):
     return (X @ coef.T.astype(X.dtype)).astype(np.float64) + intercept
 
 
+def prepare_supervised(X: Any, y: Any, sample_weight: Any):
+    """Validated dask arrays ``(X, y, sample_weight)``; ``y`` defaults to the store's ``y``."""
+    X_in = data.as_matrix(X)
+    if y is None:
+        source = data.open_zarr(X) if isinstance(X, (str, os.PathLike)) else X
+        if not (hasattr(source, "data_vars") and "y" in source):
+            raise ValueError("y is None: pass the targets, or a Zarr store or xarray "
+                             "Dataset that holds 'y'")
+        y = source["y"]
+    y_in = data.as_rows(y, X_in, "y")
+    w_in = data.check_sample_weight(sample_weight, X_in)
+    return X_in, y_in, w_in
+
+
+def find_classes(y_in, estimator: str):
+    """``(classes, counts)`` of the labels (one pass over ``y``); at least two classes."""
+    import dask.array as da
+
+    classes, counts = _graph.compute(*da.unique(y_in, return_counts=True))
+    if classes.size < 2:
+        raise ValueError(f"y has a single class ({classes.tolist()}); {estimator} "
+                         "needs samples of at least 2 classes")
+    return classes, counts
+
+
+def class_weight_rows(class_weight: Any, w_in, y_in, classes: np.ndarray, counts: np.ndarray):
+    """Per-row weights: ``class_weight`` ("balanced", a dict or None) times ``sample_weight``."""
+    cw = class_weight
+    if cw is None:
+        return w_in
+    if isinstance(cw, str) and cw == "balanced":
+        table = counts.sum() / (classes.size * counts.astype(np.float64))
+    elif isinstance(cw, dict):
+        unknown = set(cw) - set(classes.tolist())
+        if unknown:
+            raise ValueError(f"class_weight has classes {sorted(unknown)} that are not in y "
+                             f"(classes: {classes.tolist()})")
+        table = np.array([float(cw.get(c, 1.0)) for c in classes.tolist()])
+    else:
+        raise ValueError(f"class_weight={cw!r} should be a dict, 'balanced' or None")
+    per_row = y_in.map_blocks(_class_weight_block, classes, table, dtype=np.float64)
+    return per_row if w_in is None else per_row * w_in
+
+
+class LinearPredictorMixin:
+    """``X coef^T + intercept`` for any fitted linear model (``coef_``, ``intercept_``)."""
+
+    def _decision(self, X):
+        Xd = data.as_fitted_matrix(self, X, "coef_")
+        coef = np.atleast_2d(self.coef_)
+        intercept = np.atleast_1d(self.intercept_).astype(np.float64)
+        out = _graph.map_rows(Xd, _linear_block, {"coef": coef, "intercept": intercept},
+                              np.float64, n_columns=coef.shape[0])
+        return out
+
+
+class LinearClassifierMixin(LinearPredictorMixin):
+    """Outputs of a fitted linear classifier with ``classes_``: one decision column
+    for two classes, one per class otherwise."""
+
+    def decision_function(self, X: Any) -> Any:
+        """``X coef^T + intercept``: shape (n_samples,) for two classes, else (n_samples, n_classes)."""
+        out = self._decision(X)
+        out = out[:, 0] if self.classes_.size == 2 else out
+        return out if data.is_lazy(X) else _graph.compute(out)[0]
+
+    def predict_proba(self, X: Any) -> Any:
+        """Class probabilities, shape (n_samples, n_classes)."""
+        Z = self._decision(X)
+        out = Z.map_blocks(_probabilities, dtype=np.float64,
+                           chunks=(Z.chunks[0], (self.classes_.size,)))
+        return out if data.is_lazy(X) else _graph.compute(out)[0]
+
+    def predict(self, X: Any) -> Any:
+        """Most probable class of each row."""
+        Z = self._decision(X)
+        idx = (Z[:, 0] > 0).astype(np.int64) if self.classes_.size == 2 else Z.argmax(axis=1)
+        out = idx.map_blocks(_take, self.classes_, dtype=self.classes_.dtype)
+        return out if data.is_lazy(X) else _graph.compute(out)[0]
+
+
+class LinearRegressorMixin(LinearPredictorMixin):
+    """``predict`` of a fitted linear regressor with a 1-D ``coef_``."""
+
+    def predict(self, X: Any) -> Any:
+        """Predictions; a lazy dask array for lazy input."""
+        out = self._decision(X)[:, 0]
+        return out if data.is_lazy(X) else _graph.compute(out)[0]
+
+
 class _LinearModel(BaseEstimator):
     """What the three estimators share: validation, the passes and the solvers."""
 
@@ -304,19 +394,6 @@ class _LinearModel(BaseEstimator):
         self.n_iter_ = len(self.history_)
         return theta
 
-    def _prepare(self, X, y, sample_weight):
-        """Validated dask arrays ``(X_in, y_in, w_in)``; ``y`` defaults to the store's ``y``."""
-        X_in = data.as_matrix(X)
-        if y is None:
-            source = data.open_zarr(X) if isinstance(X, (str, os.PathLike)) else X
-            if not (hasattr(source, "data_vars") and "y" in source):
-                raise ValueError("y is None: pass the targets, or a Zarr store or xarray "
-                                 "Dataset that holds 'y'")
-            y = source["y"]
-        y_in = data.as_rows(y, X_in, "y")
-        w_in = data.check_sample_weight(sample_weight, X_in)
-        return X_in, y_in, w_in
-
     def _run(self, X_in, y_fit, w_fit, source, n_classes):
         Xd, (yd, wd), _ = data.cache(X_in, [y_fit, w_fit], self.cache, source)
         blocks = _graph.RowBlocks(Xd, wd, yd)
@@ -324,16 +401,8 @@ class _LinearModel(BaseEstimator):
             s, blocks.row_chunks, wd is not None, supervised=True))
         return self._solve(passes, X_in.shape[1], n_classes)
 
-    def _decision(self, X):
-        Xd = data.as_fitted_matrix(self, X, "coef_")
-        coef = np.atleast_2d(self.coef_)
-        intercept = np.atleast_1d(self.intercept_).astype(np.float64)
-        out = _graph.map_rows(Xd, _linear_block, {"coef": coef, "intercept": intercept},
-                              np.float64, n_columns=coef.shape[0])
-        return out
 
-
-class LinearRegression(RegressorMixin, _LinearModel):
+class LinearRegression(RegressorMixin, LinearRegressorMixin, _LinearModel):
     """Ordinary least squares, fitted by distributed Newton (one pass) or L-BFGS.
 
     Minimises ``sum_i w_i (y_i - x_i coef - intercept)^2`` like
@@ -389,7 +458,7 @@ class LinearRegression(RegressorMixin, _LinearModel):
     def fit(self, X: Any, y: Any = None, sample_weight: Any = None):
         """Fit on ``X`` (array, dask, xarray or Zarr path) and ``y`` (or the store's ``y``)."""
         self._check_common()
-        X_in, y_in, w_in = self._prepare(X, y, sample_weight)
+        X_in, y_in, w_in = prepare_supervised(X, y, sample_weight)
         if y_in.dtype.kind not in "fiub":
             raise TypeError(f"y.dtype={y_in.dtype} is not numeric")
         theta = self._run(X_in, y_in, w_in, X, 1)
@@ -398,12 +467,6 @@ class LinearRegression(RegressorMixin, _LinearModel):
         self.intercept_ = float(intercept[0])
         self.n_features_in_ = X_in.shape[1]
         return self
-
-    def predict(self, X: Any) -> Any:
-        """Predictions; a lazy dask array for lazy input."""
-        out = self._decision(X)[:, 0]
-        return out if data.is_lazy(X) else _graph.compute(out)[0]
-
 
 class Ridge(LinearRegression):
     """Least squares with an L2 penalty ``alpha ||coef||^2`` (intercept not penalised).
@@ -426,7 +489,7 @@ class Ridge(LinearRegression):
         return float(self.alpha)
 
 
-class LogisticRegression(ClassifierMixin, _LinearModel):
+class LogisticRegression(ClassifierMixin, LinearClassifierMixin, _LinearModel):
     """Logistic regression, binary or multinomial, by distributed Newton or L-BFGS.
 
     Minimises scikit-learn's objective ``C sum_i w_i loss_i + ||coef||^2 / 2``
@@ -524,57 +587,15 @@ class LogisticRegression(ClassifierMixin, _LinearModel):
                              "penalty='elasticnet'")
         if isinstance(self.C, bool) or not isinstance(self.C, numbers.Real) or not self.C > 0:
             raise ValueError(f"C={self.C!r} should be a number > 0")
-        X_in, y_in, w_in = self._prepare(X, y, sample_weight)
-        import dask.array as da
-
-        classes, counts = _graph.compute(*da.unique(y_in, return_counts=True))
-        if classes.size < 2:
-            raise ValueError(f"y has a single class ({classes.tolist()}); LogisticRegression "
-                             "needs samples of at least 2 classes")
+        X_in, y_in, w_in = prepare_supervised(X, y, sample_weight)
+        classes, counts = find_classes(y_in, "LogisticRegression")
         self.classes_ = classes
         K = classes.size
         y_idx = y_in.map_blocks(_labels_to_index, classes, dtype=np.int64)
-        w_fit = self._class_weights(w_in, y_in, classes, counts)
+        w_fit = class_weight_rows(self.class_weight, w_in, y_in, classes, counts)
         self._family = "binomial" if K == 2 else "multinomial"
         theta = self._run(X_in, y_idx, w_fit, X, K)
         coef, intercept = split_theta(theta, self._family, X_in.shape[1], self.fit_intercept)
         self.coef_, self.intercept_ = coef, intercept.copy()
         self.n_features_in_ = X_in.shape[1]
         return self
-
-    def _class_weights(self, w_in, y_in, classes, counts):
-        cw = self.class_weight
-        if cw is None:
-            return w_in
-        if cw == "balanced":
-            table = counts.sum() / (classes.size * counts.astype(np.float64))
-        elif isinstance(cw, dict):
-            unknown = set(cw) - set(classes.tolist())
-            if unknown:
-                raise ValueError(f"class_weight has classes {sorted(unknown)} that are not in y "
-                                 f"(classes: {classes.tolist()})")
-            table = np.array([float(cw.get(c, 1.0)) for c in classes.tolist()])
-        else:
-            raise ValueError(f"class_weight={cw!r} should be a dict, 'balanced' or None")
-        per_row = y_in.map_blocks(_class_weight_block, classes, table, dtype=np.float64)
-        return per_row if w_in is None else per_row * w_in
-
-    def decision_function(self, X: Any) -> Any:
-        """``X coef^T + intercept``: shape (n_samples,) for two classes, else (n_samples, n_classes)."""
-        out = self._decision(X)
-        out = out[:, 0] if self.classes_.size == 2 else out
-        return out if data.is_lazy(X) else _graph.compute(out)[0]
-
-    def predict_proba(self, X: Any) -> Any:
-        """Class probabilities, shape (n_samples, n_classes)."""
-        Z = self._decision(X)
-        out = Z.map_blocks(_probabilities, dtype=np.float64,
-                           chunks=(Z.chunks[0], (self.classes_.size,)))
-        return out if data.is_lazy(X) else _graph.compute(out)[0]
-
-    def predict(self, X: Any) -> Any:
-        """Most probable class of each row."""
-        Z = self._decision(X)
-        idx = (Z[:, 0] > 0).astype(np.int64) if self.classes_.size == 2 else Z.argmax(axis=1)
-        out = idx.map_blocks(_take, self.classes_, dtype=self.classes_.dtype)
-        return out if data.is_lazy(X) else _graph.compute(out)[0]

@@ -42,10 +42,19 @@ def combine_glm(a: GLMPartial, b: GLMPartial) -> GLMPartial:
     return GLMPartial(a.loss + b.loss, a.grad + b.grad, hess, a.weight + b.weight)
 
 
+FAMILIES = ("squared", "huber", "binomial", "multinomial", "hinge")
+
+
+def n_outputs(family: str, n_classes: int) -> int:
+    """Columns of the decision function: one per class for softmax and multi-class hinge."""
+    if family == "multinomial" or (family == "hinge" and n_classes > 2):
+        return n_classes
+    return 1
+
+
 def n_params(family: str, n_features: int, n_classes: int, fit_intercept: bool) -> int:
     """Length of ``theta``."""
-    k = n_classes if family == "multinomial" else 1
-    return k * (n_features + int(fit_intercept))
+    return n_outputs(family, n_classes) * (n_features + int(fit_intercept))
 
 
 def split_theta(theta: np.ndarray, family: str, n_features: int, fit_intercept: bool):
@@ -70,9 +79,83 @@ def _gram(X: np.ndarray, v: np.ndarray, fit_intercept: bool) -> np.ndarray:
     return out
 
 
+def pointwise(Z: np.ndarray, y: np.ndarray, w: np.ndarray, family: str, epsilon: float = 1.35):
+    """Weighted loss sum, its derivative in ``Z`` and (when cheap) its curvature.
+
+    Parameters
+    ----------
+    Z : ndarray of shape (n, k), float64
+        Decision values ``X coef^T + intercept``.
+    y : ndarray of shape (n,)
+        Targets (``"squared"``, ``"huber"``) or class indices 0..K-1.
+    w : ndarray of shape (n,), float64
+    family : str
+        One of :data:`FAMILIES`. Pointwise losses, with ``r = z - y``:
+        ``r^2 / 2`` (squared); ``r^2 / 2`` if ``|r| <= epsilon`` else
+        ``epsilon |r| - epsilon^2 / 2`` (huber); ``log(1 + exp(z)) - y z``
+        (binomial); ``logsumexp(z) - z_y`` (multinomial);
+        ``sum_k max(0, 1 - s_k z_k)`` with ``s_k = +1`` for the row's class and
+        ``-1`` otherwise, one-vs-rest (hinge; one column ``s = 2y - 1`` for two
+        classes).
+    epsilon : float
+        Huber's threshold.
+
+    Returns
+    -------
+    loss : float
+        ``sum_i w_i loss_i``.
+    D : ndarray of shape (n, k)
+        ``w_i d loss_i / d z_ik``.
+    curvature : ndarray of shape (n,) or None
+        ``w_i d^2 loss_i / d z_i^2`` for the one-column smooth families.
+    """
+    if family == "multinomial":
+        yi = np.asarray(y, dtype=np.int64)
+        rows = np.arange(Z.shape[0])
+        # one exponential per entry: shifted by the row maximum, reused for the probabilities
+        zmax = Z.max(axis=1)
+        R = Z - zmax[:, None]
+        np.exp(R, out=R)
+        total = R.sum(axis=1)
+        loss = float(w @ (np.log(total) - (Z[rows, yi] - zmax)))
+        R /= total[:, None]
+        R[rows, yi] -= 1.0
+        R *= w[:, None]
+        return loss, R, None
+    if family == "hinge":
+        yi = np.asarray(y, dtype=np.int64)
+        if Z.shape[1] == 1:
+            S = (2.0 * yi - 1.0)[:, None]
+        else:
+            S = np.full(Z.shape, -1.0)
+            S[np.arange(Z.shape[0]), yi] = 1.0
+        margin = 1.0 - S * Z
+        active = margin > 0
+        loss = float(w @ np.where(active, margin, 0.0).sum(axis=1))
+        return loss, np.where(active, -S, 0.0) * w[:, None], None
+    z, yf = Z[:, 0], np.asarray(y, dtype=np.float64)
+    if family == "squared":
+        r = z - yf
+        return 0.5 * float(w @ (r * r)), (w * r)[:, None], w
+    if family == "huber":
+        r = z - yf
+        small = np.abs(r) <= epsilon
+        loss = float(w @ np.where(small, 0.5 * r * r, epsilon * np.abs(r) - 0.5 * epsilon ** 2))
+        return loss, (w * np.clip(r, -epsilon, epsilon))[:, None], w * small
+    if family == "binomial":
+        # one exp serves both the log loss and the probability
+        e = np.exp(-np.abs(z))
+        loss = float(w @ (np.maximum(z, 0.0) + np.log1p(e) - yf * z))
+        inv = 1.0 / (1.0 + e)
+        p = np.where(z >= 0, inv, e * inv)
+        return loss, (w * (p - yf))[:, None], w * p * (1.0 - p)
+    raise ValueError(f"family={family!r} should be one of {FAMILIES}")
+
+
 def glm_partial(
     X: np.ndarray, w: np.ndarray | None, offset: int, *, y: np.ndarray, theta: np.ndarray,
     family: str, fit_intercept: bool, n_classes: int = 2, hessian: bool = False,
+    epsilon: float = 1.35,
 ) -> GLMPartial:
     """Weighted sums of pointwise loss, gradient and optionally Hessian over a block.
 
@@ -83,20 +166,23 @@ def glm_partial(
     offset : int
         Unused (kernel signature).
     y : ndarray of shape (n,)
-        Targets (``"squared"``), 0/1 (``"binomial"``) or class indices 0..K-1
-        (``"multinomial"``).
+        Targets, or class indices 0..K-1 for the classification families.
     theta : ndarray of shape (p,), float64
-    family : {"squared", "binomial", "multinomial"}
-        Pointwise losses: ``(z - y)^2 / 2``; ``log(1 + exp(z)) - y z``;
-        ``logsumexp(z) - z_y``, with ``z = X coef^T + intercept``.
+    family : str
+        One of :data:`FAMILIES` (see :func:`pointwise`), with
+        ``z = X coef^T + intercept``.
     fit_intercept : bool
     n_classes : int
-        Used by ``"multinomial"``.
+        Used by ``"multinomial"`` and ``"hinge"``.
     hessian : bool, default=False
-        Also return the Hessian sum (``"squared"`` and ``"binomial"``).
+        Also return the Hessian sum (one-column smooth families only).
+    epsilon : float, default=1.35
+        Huber's threshold.
     """
-    if family not in ("squared", "binomial", "multinomial"):
-        raise ValueError(f"family={family!r} should be 'squared', 'binomial' or 'multinomial'")
+    if family not in FAMILIES:
+        raise ValueError(f"family={family!r} should be one of {FAMILIES}")
+    if hessian and n_outputs(family, n_classes) > 1 or hessian and family == "hinge":
+        raise ValueError(f"hessian=True is not available for family={family!r}")
     X = _as_float(X)
     n, d = X.shape
     wf = np.ones(n) if w is None else np.asarray(w, dtype=np.float64)
@@ -111,39 +197,11 @@ def glm_partial(
     for s in range(0, n, SUB_BLOCK_ROWS):
         Xb, wb, yb = X[s : s + SUB_BLOCK_ROWS], wf[s : s + SUB_BLOCK_ROWS], y[s : s + SUB_BLOCK_ROWS]
         Z = (Xb @ coef_t).astype(np.float64) + intercept  # (rows, k)
-        if family == "multinomial":
-            yi = np.asarray(yb, dtype=np.int64)
-            rows = np.arange(Xb.shape[0])
-            # one exponential per entry: shifted by the row maximum, reused for the probabilities
-            zmax = Z.max(axis=1)
-            R = Z - zmax[:, None]
-            np.exp(R, out=R)
-            total = R.sum(axis=1)
-            loss += float(wb @ (np.log(total) - (Z[rows, yi] - zmax)))
-            R /= total[:, None]
-            R[rows, yi] -= 1.0
-            R *= wb[:, None]
-            g_coef += R.T.astype(X.dtype) @ Xb
-            if fit_intercept:
-                g_int += R.sum(axis=0)
-            continue
-        z, yf = Z[:, 0], np.asarray(yb, dtype=np.float64)
-        if family == "squared":
-            r = z - yf
-            loss += 0.5 * float(wb @ (r * r))
-            curvature = wb
-        else:
-            # one exp serves both the log loss and the probability
-            e = np.exp(-np.abs(z))
-            loss += float(wb @ (np.maximum(z, 0.0) + np.log1p(e) - yf * z))
-            inv = 1.0 / (1.0 + e)
-            p = np.where(z >= 0, inv, e * inv)
-            r = p - yf
-            curvature = wb * p * (1.0 - p)
-        wr = wb * r
-        g_coef[0] += wr.astype(X.dtype) @ Xb
+        part, D, curvature = pointwise(Z, yb, wb, family, epsilon)
+        loss += part
+        g_coef += D.T.astype(X.dtype) @ Xb
         if fit_intercept:
-            g_int += wr.sum()
+            g_int += D.sum(axis=0)
         if hessian:
             hess += _gram(Xb, curvature, fit_intercept)
     return GLMPartial(loss, grad, hess, weight)

@@ -1,0 +1,240 @@
+"""Stochastic gradient descent on one shard: row orders, learning rates, local steps.
+
+A *shard* is a fixed range of ``shard_rows`` consecutive rows (the last may be
+shorter), numbered from the first row ever seen. The order in which an epoch
+visits a shard's rows comes from ``(seed, pass_index, shard)`` alone, so the
+arithmetic of a fit depends on the data and the parameters, never on how the
+store is chunked or which worker runs what.
+
+Two kinds of partial results, both sums so that they combine in any tree:
+
+- :func:`local_sgd` runs mini-batch SGD over a slice of its shard's rows,
+  starting from the current parameters, and returns ``rows * theta_local``
+  (local SGD: the tree reduction averages the local models, weighted by rows).
+- :func:`step_partial` returns the loss and gradient sums of one mini-batch
+  slice (synchronous SGD: the reduced gradient makes one update).
+
+Every row a kernel touches is checked for NaN and inf; the global index of
+the first bad row travels with the result.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from dmlkit._kernels.glm import GLMPartial, combine_glm, glm_partial, pointwise, split_theta
+from dmlkit._kernels.kmeans import _as_float
+
+SCHEDULES = ("constant", "optimal", "invscaling", "adaptive")
+
+
+def shard_permutation(n: int, seed: int, pass_index: int, shard: int, shuffle: bool) -> np.ndarray:
+    """The order in which pass ``pass_index`` visits the ``n`` rows of ``shard``."""
+    if not shuffle:
+        return np.arange(n)
+    seq = np.random.SeedSequence(entropy=seed, spawn_key=(int(pass_index), int(shard)))
+    return np.random.Generator(np.random.PCG64(seq)).permutation(n)
+
+
+def shard_order(n_shards: int, seed: int, pass_index: int, shuffle: bool) -> np.ndarray:
+    """The order in which pass ``pass_index`` visits the shards."""
+    if not shuffle:
+        return np.arange(n_shards)
+    seq = np.random.SeedSequence(entropy=seed, spawn_key=(int(pass_index), 2**32))
+    return np.random.Generator(np.random.PCG64(seq)).permutation(n_shards)
+
+
+def permute_rows(block: np.ndarray, offset: int, *, seed: int, pass_index: int, shard_rows: int,
+                 row_base: int, shuffle: bool) -> np.ndarray:
+    """``block`` (one whole shard starting at local row ``offset``) in its visiting order."""
+    shard = (row_base + offset) // shard_rows
+    return block[shard_permutation(block.shape[0], seed, pass_index, shard, shuffle)]
+
+
+def optimal_t0(family: str, alpha: float) -> float:
+    """Offset of the "optimal" schedule ``1 / (alpha (t0 + t))`` (Bottou's heuristic).
+
+    As in scikit-learn: a typical weight ``sqrt(1 / sqrt(alpha))`` sets the
+    first learning rate ``typw / max(1, |dloss(-typw, 1)|)``, and ``t0`` makes
+    the schedule start there.
+    """
+    typw = np.sqrt(1.0 / np.sqrt(alpha))
+    if family in ("squared",):
+        slope = typw + 1.0
+    elif family == "huber":
+        slope = 1.0  # |d huber| <= epsilon; scikit-learn caps the slope at 1 too
+    else:  # log loss and hinge: |dloss| <= 1
+        slope = 1.0
+    eta0 = typw / max(1.0, slope)
+    return 1.0 / (eta0 * alpha)
+
+
+def learning_rate(schedule: dict, t: float) -> float:
+    """Learning rate of update ``t`` (0-based) under ``schedule``.
+
+    ``schedule`` holds ``name`` (one of :data:`SCHEDULES`), ``eta0``,
+    ``power_t``, ``alpha`` and ``t0``: ``eta0`` (constant, adaptive),
+    ``eta0 / (t + 1)^power_t`` (invscaling), ``1 / (alpha (t0 + t))`` (optimal).
+    """
+    name = schedule["name"]
+    if name in ("constant", "adaptive"):
+        return schedule["eta0"]
+    if name == "invscaling":
+        return schedule["eta0"] / (t + 1.0) ** schedule["power_t"]
+    return 1.0 / (schedule["alpha"] * (schedule["t0"] + t))
+
+
+def apply_update(coef: np.ndarray, intercept: np.ndarray, g_coef: np.ndarray, g_int: np.ndarray,
+                 eta: float, alpha: float, l1_ratio: float, fit_intercept: bool) -> None:
+    """One proximal SGD update, in place.
+
+    ``coef -= eta (g_coef + alpha (1 - l1_ratio) coef)``, then the L1 part
+    ``alpha l1_ratio ||coef||_1`` by soft-thresholding at ``eta alpha
+    l1_ratio``; the intercept takes the plain gradient step.
+    """
+    l2, l1 = alpha * (1.0 - l1_ratio), alpha * l1_ratio
+    if l2:
+        coef *= 1.0 - eta * l2
+    coef -= eta * g_coef
+    if l1:
+        np.copysign(np.maximum(np.abs(coef) - eta * l1, 0.0), coef, out=coef)
+    if fit_intercept:
+        intercept -= eta * g_int
+
+
+class SGDPartial(NamedTuple):
+    """Sums over shards: ``theta_sum`` (rows-weighted local parameters), ``rows``,
+    ``loss`` (weighted loss of each row before the update that used it),
+    ``steps`` (the most local updates any shard made) and ``bad`` (first
+    global row holding NaN or inf, or -1)."""
+
+    theta_sum: np.ndarray
+    rows: int
+    loss: float
+    steps: int
+    bad: int
+
+
+def _first_bad(bad_a: int, bad_b: int) -> int:
+    if bad_a < 0:
+        return bad_b
+    if bad_b < 0:
+        return bad_a
+    return min(bad_a, bad_b)
+
+
+def combine_sgd(a: SGDPartial, b: SGDPartial) -> SGDPartial:
+    """Associative merge (sums, a maximum and a minimum)."""
+    return SGDPartial(a.theta_sum + b.theta_sum, a.rows + b.rows, a.loss + b.loss,
+                      max(a.steps, b.steps), _first_bad(a.bad, b.bad))
+
+
+def _slice(n: int, part: int, n_parts: int) -> slice:
+    return slice(part * n // n_parts, (part + 1) * n // n_parts)
+
+
+def _bad_row(X, y, w, index: np.ndarray, start: int) -> int:
+    """Global index of the first row of ``X[index]`` with NaN or inf (in X, y or w) or w < 0, else -1."""
+    ok = np.isfinite(X).all(axis=1)
+    if y is not None and y.dtype.kind == "f":
+        ok &= np.isfinite(y)
+    if w is not None:
+        ok &= np.isfinite(w) & (w >= 0)
+    if ok.all():
+        return -1
+    return int(start + index[~ok].min())
+
+
+def local_sgd(
+    X: np.ndarray, w: np.ndarray | None, offset: int, *, y: np.ndarray, theta: np.ndarray,
+    family: str, n_classes: int, fit_intercept: bool, epsilon: float, alpha: float,
+    l1_ratio: float, schedule: dict, t_start: float, batch_size: int, part: int, n_parts: int,
+    seed: int, pass_index: int, shard_rows: int, row_base: int, shuffle: bool,
+) -> SGDPartial:
+    """Mini-batch SGD over slice ``part`` of ``n_parts`` of this shard's rows in visiting order.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n, n_features)
+        One shard (``offset`` its first row, ``row_base + offset`` its global row).
+    w, y : ndarray of shape (n,)
+        Weights (or None) and targets / class indices.
+    theta : ndarray of shape (p,)
+        Starting parameters (see :mod:`dmlkit._kernels.glm`).
+    schedule : dict
+        See :func:`learning_rate`; update ``j`` of this call uses
+        ``learning_rate(schedule, t_start + j)``.
+    batch_size : int
+        Rows per local update; the gradient is ``sum_i w_i grad_i / rows``.
+
+    Returns
+    -------
+    SGDPartial
+        ``theta_sum = rows * theta_local``.
+    """
+    X = _as_float(X)
+    n, d = X.shape
+    shard = (row_base + offset) // shard_rows
+    index = shard_permutation(n, seed, pass_index, shard, shuffle)[_slice(n, part, n_parts)]
+    Xs, ys = X[index], y[index]
+    ws = None if w is None else np.asarray(w, dtype=np.float64)[index]
+    m = index.size
+    bad = _bad_row(Xs, ys, ws, index, row_base + offset)
+    if bad >= 0 or m == 0:
+        return SGDPartial(m * theta, m, 0.0, 0, bad)
+    ws = np.ones(m) if ws is None else ws
+    theta = theta.copy()
+    coef, intercept = split_theta(theta, family, d, fit_intercept)
+    if not fit_intercept:
+        intercept = np.zeros(coef.shape[0])
+    coef_t = coef.T.astype(X.dtype)
+    loss, t = 0.0, float(t_start)
+    steps = 0
+    for s in range(0, m, batch_size):
+        Xb, yb, wb = Xs[s : s + batch_size], ys[s : s + batch_size], ws[s : s + batch_size]
+        Z = (Xb @ coef_t).astype(np.float64) + intercept
+        part_loss, D, _ = pointwise(Z, yb, wb, family, epsilon)
+        loss += part_loss
+        D /= Xb.shape[0]
+        g_coef = D.T.astype(X.dtype) @ Xb
+        apply_update(coef, intercept, g_coef, D.sum(axis=0), learning_rate(schedule, t),
+                     alpha, l1_ratio, fit_intercept)
+        coef_t = coef.T.astype(X.dtype)
+        t += 1.0
+        steps += 1
+    return SGDPartial(m * theta, m, loss, steps, -1)
+
+
+class StepPartial(NamedTuple):
+    """Sums over the mini-batch slices of one synchronous step."""
+
+    glm: GLMPartial
+    rows: int
+    bad: int
+
+
+def combine_step(a: StepPartial, b: StepPartial) -> StepPartial:
+    return StepPartial(combine_glm(a.glm, b.glm), a.rows + b.rows, _first_bad(a.bad, b.bad))
+
+
+def step_partial(
+    X: np.ndarray, w: np.ndarray | None, offset: int, *, y: np.ndarray, theta: np.ndarray,
+    family: str, n_classes: int, fit_intercept: bool, epsilon: float, step: int, n_steps: int,
+    seed: int, pass_index: int, shard_rows: int, row_base: int, shuffle: bool,
+) -> StepPartial:
+    """Loss and gradient sums of slice ``step`` of ``n_steps`` of a shard already in visiting order."""
+    n = X.shape[0]
+    sl = _slice(n, step, n_steps)
+    Xs, ys = X[sl], y[sl]
+    ws = None if w is None else np.asarray(w, dtype=np.float64)[sl]
+    index = np.arange(sl.start, sl.stop)
+    bad = _bad_row(Xs, ys, ws, index, 0)
+    if bad >= 0:  # map back to the global row through the visiting order
+        shard = (row_base + offset) // shard_rows
+        bad = int(row_base + offset + shard_permutation(n, seed, pass_index, shard, shuffle)[bad])
+        empty = GLMPartial(0.0, np.zeros(theta.size), None, 0.0)
+        return StepPartial(empty, 0, bad)
+    part = glm_partial(Xs, ws, offset, y=ys, theta=theta, family=family,
+                       fit_intercept=fit_intercept, n_classes=n_classes, epsilon=epsilon)
+    return StepPartial(part, Xs.shape[0], -1)
