@@ -3,6 +3,7 @@
     python -m benchmarks kmeans [--rows N] [--skip-dask-ml] ...
     python -m benchmarks outofcore [--size large]
     python -m benchmarks logreg [--rows N] [--classes K] ...
+    python -m benchmarks sgd [--rows N] [--epochs E] ...
 """
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import argparse
 import json
 from pathlib import Path
 
-from benchmarks import kmeans, logreg, outofcore
+from benchmarks import kmeans, logreg, outofcore, sgd
 
-BENCHMARKS = {"kmeans": kmeans, "outofcore": outofcore, "logreg": logreg}
+BENCHMARKS = {"kmeans": kmeans, "outofcore": outofcore, "logreg": logreg, "sgd": sgd}
 
 
 def main(argv=None) -> None:

@@ -137,3 +137,20 @@ def test_worker_killed_during_logistic_fit_changes_nothing(client, classificatio
     assert_array_equal(ours.coef_, ref.coef_)
     client.wait_for_workers(2, timeout=60)
     assert victim not in client.scheduler_info()["workers"]
+
+
+@pytest.mark.parametrize("mode", ["local", "sync"])
+def test_sgd_on_the_cluster_equals_the_sync_fit(client, store, mode):
+    """The shards, their visiting order and the tree are the same: so are the bits."""
+    from dmlkit import SGDClassifier
+
+    X, path = store
+    y = (X[:, 0] + X[:, 1] > 0).astype(np.int64)
+    kw = dict(mode=mode, shard_rows=5000, shards_per_step=2, batch_size=200, max_epochs=2,
+              tol=None, random_state=0)
+    with dask.config.set(scheduler="sync"):
+        ref = SGDClassifier(**kw).fit(X, y)
+    ours = SGDClassifier(**kw).fit(X, y)
+    assert_array_equal(ours.coef_, ref.coef_)
+    assert_array_equal(ours.intercept_, ref.intercept_)
+    assert ours.t_ == ref.t_
