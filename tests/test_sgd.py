@@ -350,3 +350,25 @@ def test_partial_fit_errors(problem):
         m.partial_fit(X, y, classes=[0, 1, 2])
     with pytest.raises(ValueError, match="'balanced' needs the whole data"):
         SGDClassifier(class_weight="balanced").partial_fit(X, y, classes=[0, 1])
+
+
+def test_class_weight_is_a_per_row_weight(problem):
+    X, y = problem["X"], problem["binary"]
+    kw = dict(batch_size=100, shard_rows=1000, max_epochs=2, tol=None, random_state=0)
+    a = SGDClassifier(class_weight={0: 1.0, 1: 3.0}, **kw).fit(X, y)
+    b = SGDClassifier(**kw).fit(X, y, sample_weight=np.where(y == 1, 3.0, 1.0))
+    assert_array_equal(a.coef_, b.coef_)
+    counts = np.bincount(y)
+    balanced = SGDClassifier(class_weight="balanced", **kw).fit(X, y)
+    c = SGDClassifier(**kw).fit(X, y, sample_weight=(N / (2.0 * counts))[y])
+    assert_array_equal(balanced.coef_, c.coef_)
+
+
+def test_progress_bar_and_history(problem, capsys):
+    X, y = problem["X"], problem["binary"]
+    m = SGDClassifier(progress=True, shard_rows=1000, max_epochs=2, tol=None, random_state=0,
+                      sync_every=0.5).fit(X, y)
+    assert "SGDClassifier" in capsys.readouterr().err
+    assert [h["epoch"] for h in m.history_] == [0.5, 1.0, 1.5, 2.0]
+    assert all(h["rows"] == N // 2 for h in m.history_)
+    assert all(np.isfinite(h["loss"]) and h["seconds"] >= 0 for h in m.history_)
