@@ -143,18 +143,22 @@ class _BaseSGD(BaseEstimator):
         self._rows_seen = 0
         self.history_ = []
         self._best_loss, self._no_improvement = np.inf, 0
+        self._l1_state = None  # sync mode's cumulative L1 penalty
         self.n_features_in_ = n_features
         self._eta0 = self._initial_eta0(blocks)
 
     def _initial_eta0(self, blocks: _graph.RowBlocks) -> float:
         if not (isinstance(self.eta0, str) and self.eta0 == "auto"):
             return float(self.eta0)
+        if self.learning_rate == "optimal":
+            return 0.0  # not used: the rate is 1 / (alpha (t0 + t))
         # 1 / (a bound on the curvature) from the first rows of the first shard visited
-        first = int(kernels.shard_order(blocks.n_blocks, self._seed, 0, self.shuffle)[0])
+        first = int(kernels.shard_order(blocks.n_blocks, self._seed, 0, self.shuffle,
+                                        self._rows_seen)[0])
         sample = blocks.X.blocks[first]
         Xs, = _graph.compute(sample)
         Xs = kernels.permute_rows(Xs, int(blocks.offsets[first]), seed=self._seed, pass_index=0,
-                                  shard_rows=self.shard_rows, row_base=self._rows_seen,
+                                  row_base=self._rows_seen,
                                   shuffle=self.shuffle)[:CURVATURE_SAMPLE_ROWS]
         finite = np.isfinite(Xs).all(axis=1)
         return 1.0 / _curvature_bound(Xs[finite], self._family, self.fit_intercept)
@@ -174,8 +178,8 @@ class _BaseSGD(BaseEstimator):
     def _common(self, pass_index: int) -> dict:
         return {"family": self._family, "n_classes": self._n_classes,
                 "fit_intercept": self.fit_intercept, "epsilon": float(self._epsilon()),
-                "seed": self._seed, "pass_index": pass_index, "shard_rows": self.shard_rows,
-                "row_base": self._rows_seen, "shuffle": self.shuffle}
+                "seed": self._seed, "pass_index": pass_index, "row_base": self._rows_seen,
+                "shuffle": self.shuffle}
 
     def _epsilon(self) -> float:
         return 0.0
@@ -188,6 +192,7 @@ class _BaseSGD(BaseEstimator):
     def _epoch(self, blocks: _graph.RowBlocks, pass_index: int, bar) -> float:
         """One pass over ``blocks``; returns the mean loss of the rows before their update."""
         run = self._local_epoch if self.mode == "local" else self._sync_epoch
+        self._epoch_base = self.n_iter_  # history_'s epochs count on across partial_fit calls
         loss, rows = run(blocks, pass_index, bar)
         self.n_iter_ += 1
         return loss / max(rows, 1)
@@ -216,15 +221,16 @@ class _BaseSGD(BaseEstimator):
                                          alpha * l1_ratio, 1.0, False)
             self.t_ += result.steps
             loss, rows = loss + result.loss, rows + result.rows
-            self._record(result.loss, result.rows, pass_index + (part + 1) / n_parts,
+            self._record(result.loss, result.rows, self._epoch_base + (part + 1) / n_parts,
                          time.perf_counter() - t0, bar)
         return loss, rows
 
     def _sync_epoch(self, blocks, pass_index, bar):
         alpha, l1_ratio = self._alpha_l1_ratio()
         common = self._common(pass_index)
-        order = kernels.shard_order(blocks.n_blocks, self._seed, pass_index, self.shuffle)
-        permute = {k: common[k] for k in ("seed", "pass_index", "shard_rows", "row_base", "shuffle")}
+        order = kernels.shard_order(blocks.n_blocks, self._seed, pass_index, self.shuffle,
+                                    self._rows_seen)
+        permute = {k: common[k] for k in ("seed", "pass_index", "row_base", "shuffle")}
         d = self.n_features_in_
         loss = rows = 0.0
         done_rows, total_rows = 0, sum(blocks.row_chunks)
@@ -243,14 +249,16 @@ class _BaseSGD(BaseEstimator):
                     coef, intercept = split_theta(theta, self._family, d, self.fit_intercept)
                     g = result.glm.grad / result.rows
                     g_coef, g_int = split_theta(g, self._family, d, self.fit_intercept)
+                    if l1_ratio and alpha and self._l1_state is None:
+                        self._l1_state = kernels.new_l1_state(coef)
                     kernels.apply_update(coef, intercept, g_coef, g_int,
                                          kernels.learning_rate(self._schedule(), self.t_),
-                                         alpha, l1_ratio, self.fit_intercept)
+                                         alpha, l1_ratio, self.fit_intercept, self._l1_state)
                     self._theta = theta
                     self.t_ += 1
                 loss, rows = loss + result.glm.loss, rows + result.rows
                 done_rows += result.rows
-                self._record(result.glm.loss, result.rows, pass_index + done_rows / total_rows,
+                self._record(result.glm.loss, result.rows, self._epoch_base + done_rows / total_rows,
                              time.perf_counter() - t0, bar)
                 t0 = time.perf_counter()
             del window  # releases the shards held in memory
@@ -259,7 +267,8 @@ class _BaseSGD(BaseEstimator):
     def _record(self, loss, rows, epoch, seconds, bar):
         self.history_.append({"round": len(self.history_) + 1, "epoch": float(epoch),
                               "loss": float(loss / max(rows, 1)), "rows": int(rows),
-                              "eta": float(kernels.learning_rate(self._schedule(), self.t_)),
+                              "eta": float(kernels.learning_rate(self._schedule(),
+                                                                  max(self.t_ - 1.0, 0.0))),
                               "seconds": float(seconds)})
         if bar is not None:
             bar.n = round(epoch, 3)
@@ -295,6 +304,7 @@ class _BaseSGD(BaseEstimator):
                     break
         finally:
             bar.close()
+        self._rows_seen = sum(blocks.row_chunks)  # a later partial_fit numbers its rows on
         self._set_coef()
         if self.tol is not None and not self.converged_:
             warnings.warn(
@@ -321,8 +331,10 @@ _COMMON_DOC = """
         The objective is ``sum_i w_i loss_i / n + alpha R(coef)`` with
         ``R = ||coef||^2 / 2`` (l2), ``||coef||_1`` (l1) or
         ``l1_ratio ||coef||_1 + (1 - l1_ratio) ||coef||^2 / 2`` (elasticnet),
-        as in scikit-learn. L1 is applied by soft-thresholding after each
-        update (proximal SGD). The intercept is not penalised.
+        as in scikit-learn. L1 is applied by the cumulative penalty of
+        Tsuruoka et al. (2009), as scikit-learn does (in local mode over each
+        shard's run, then one soft-thresholding of the average). The
+        intercept is not penalised.
     alpha : float >= 0, default=1e-4
     l1_ratio : float in [0, 1], default=0.15
     fit_intercept : bool, default=True
@@ -347,8 +359,9 @@ _COMMON_DOC = """
     eta0 : float or "auto", default="auto"
         "auto" is ``1 / L``, with ``L`` the largest curvature of the mean loss
         estimated from 8,192 rows of the first shard visited (a quarter of the
-        largest eigenvalue of their second moment for the log loss): the
-        largest rate at which gradient descent is stable.
+        largest eigenvalue of their second moment for the log loss): the step
+        with which gradient descent is sure to decrease the objective (half its
+        stability limit ``2 / L``). Not read for "optimal".
     power_t : float, default=0.5
     batch_size : int or None, default=None
         Rows per update: per local update in local mode (None: 512), per
@@ -375,10 +388,11 @@ _ATTRIBUTES_DOC = """
         Updates made: the learning rate's clock.
     converged_ : bool
     history_ : list of dict
-        Per communication round: ``round``, ``epoch`` (progress in epochs),
-        ``loss`` (mean weighted loss of the round's rows, each taken before the
-        update that used it: a progressive estimate of the training loss at no
-        extra cost), ``rows``, ``eta`` and ``seconds``.
+        Per communication round: ``round``, ``epoch`` (progress in epochs,
+        counting on across ``partial_fit`` calls), ``loss`` (mean weighted loss
+        of the round's rows, each taken before the update that used it: a
+        progressive estimate of the training loss at no extra cost), ``rows``,
+        ``eta`` (the rate of the round's last update) and ``seconds``.
     n_features_in_ : int
 """
 
@@ -484,7 +498,9 @@ class SGDClassifier(ClassifierMixin, LinearClassifierMixin, _BaseSGD):
         the rows of earlier calls, so a stream fed in whole windows of
         ``shards_per_step * shard_rows`` rows with ``mode="sync"`` and
         ``shuffle=False`` makes exactly the updates of one epoch of ``fit`` on
-        all of it.
+        all of it. Each call counts as one epoch in ``n_iter_`` and
+        ``history_``; ``tol``, ``n_iter_no_change`` and the "adaptive" rate's
+        divisions apply to ``fit`` only.
         """
         first = not hasattr(self, "_theta")
         if first:

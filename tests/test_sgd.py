@@ -96,7 +96,7 @@ def test_local_sgd_visits_each_row_once_per_epoch():
     common = dict(y=y, theta=np.zeros(4), family="binomial", n_classes=2, fit_intercept=True,
                   epsilon=0.0, alpha=0.0, l1_ratio=0.0,
                   schedule={"name": "constant", "eta0": 0.1}, t_start=0.0, batch_size=10,
-                  n_parts=3, seed=0, pass_index=0, shard_rows=103, row_base=0, shuffle=True)
+                  n_parts=3, seed=0, pass_index=0, row_base=0, shuffle=True)
     parts = [kernels.local_sgd(X, None, 0, part=p, **common) for p in range(3)]
     assert sum(p.rows for p in parts) == 103
     assert [p.steps for p in parts] == [4, 4, 4]
@@ -114,7 +114,7 @@ def test_local_sgd_with_one_batch_is_one_gradient_step():
                             fit_intercept=True, epsilon=0.0, alpha=0.01, l1_ratio=0.0,
                             schedule={"name": "constant", "eta0": 0.5}, t_start=0.0,
                             batch_size=40, part=0, n_parts=1, seed=0, pass_index=0,
-                            shard_rows=40, row_base=0, shuffle=False)
+                            row_base=0, shuffle=False)
     g = glm_partial(X, None, 0, y=y, theta=theta, family="binomial", fit_intercept=True).grad / 40
     expected = theta - 0.5 * (g + 0.01 * np.r_[theta[:3], 0.0])
     assert_allclose(out.theta_sum / 40, expected, rtol=1e-12)
@@ -192,7 +192,7 @@ def test_l1_penalty_zeroes_useless_features(mode):
     if mode == "sync":  # the exact proximal gradient method
         assert np.all(ours.coef_[0, 2:] == 0)
     else:  # an average of local models, then one proximal step
-        assert np.all(np.abs(ours.coef_[0, 2:]) < 1e-3) and np.sum(ours.coef_[0, 2:] == 0) >= 4
+        assert np.all(np.abs(ours.coef_[0, 2:]) < 1e-2) and np.sum(ours.coef_[0, 2:] == 0) >= 4
     assert np.all(np.abs(ours.coef_[0, :2]) > 0.5)
 
 
@@ -287,6 +287,7 @@ def test_partial_fit_regressor_continues(problem):
     first = m.coef_.copy()
     m.partial_fit(X[3000:], y[3000:])
     assert m.n_iter_ == 2 and not np.array_equal(first, m.coef_)
+    assert [h["epoch"] for h in m.history_] == [0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0]
     with pytest.raises(ValueError, match="X has 3 features; this model was fitted on 6"):
         m.partial_fit(X[:10, :3], y[:10])
 

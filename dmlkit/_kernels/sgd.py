@@ -1,8 +1,9 @@
 """Stochastic gradient descent on one shard: row orders, learning rates, local steps.
 
 A *shard* is a fixed range of ``shard_rows`` consecutive rows (the last may be
-shorter), numbered from the first row ever seen. The order in which an epoch
-visits a shard's rows comes from ``(seed, pass_index, shard)`` alone, so the
+shorter), named by its first row's global number (rows are numbered on across
+``partial_fit`` calls). The order in which an epoch visits a shard's rows
+comes from ``(seed, pass_index, shard)`` alone, so the
 arithmetic of a fit depends on the data and the parameters, never on how the
 store is chunked or which worker runs what.
 
@@ -30,26 +31,28 @@ SCHEDULES = ("constant", "optimal", "invscaling", "adaptive")
 
 
 def shard_permutation(n: int, seed: int, pass_index: int, shard: int, shuffle: bool) -> np.ndarray:
-    """The order in which pass ``pass_index`` visits the ``n`` rows of ``shard``."""
+    """The order in which pass ``pass_index`` visits the ``n`` rows of the shard whose
+    first global row is ``shard``."""
     if not shuffle:
         return np.arange(n)
     seq = np.random.SeedSequence(entropy=seed, spawn_key=(int(pass_index), int(shard)))
     return np.random.Generator(np.random.PCG64(seq)).permutation(n)
 
 
-def shard_order(n_shards: int, seed: int, pass_index: int, shuffle: bool) -> np.ndarray:
-    """The order in which pass ``pass_index`` visits the shards."""
+def shard_order(n_shards: int, seed: int, pass_index: int, shuffle: bool,
+                first_row: int = 0) -> np.ndarray:
+    """The order in which pass ``pass_index`` visits ``n_shards`` shards from global row
+    ``first_row`` on."""
     if not shuffle:
         return np.arange(n_shards)
-    seq = np.random.SeedSequence(entropy=seed, spawn_key=(int(pass_index), 2**32))
+    seq = np.random.SeedSequence(entropy=seed, spawn_key=(int(pass_index), 2**63, int(first_row)))
     return np.random.Generator(np.random.PCG64(seq)).permutation(n_shards)
 
 
-def permute_rows(block: np.ndarray, offset: int, *, seed: int, pass_index: int, shard_rows: int,
-                 row_base: int, shuffle: bool) -> np.ndarray:
+def permute_rows(block: np.ndarray, offset: int, *, seed: int, pass_index: int, row_base: int,
+                 shuffle: bool) -> np.ndarray:
     """``block`` (one whole shard starting at local row ``offset``) in its visiting order."""
-    shard = (row_base + offset) // shard_rows
-    return block[shard_permutation(block.shape[0], seed, pass_index, shard, shuffle)]
+    return block[shard_permutation(block.shape[0], seed, pass_index, row_base + offset, shuffle)]
 
 
 def optimal_t0(family: str, alpha: float) -> float:
@@ -86,21 +89,38 @@ def learning_rate(schedule: dict, t: float) -> float:
 
 
 def apply_update(coef: np.ndarray, intercept: np.ndarray, g_coef: np.ndarray, g_int: np.ndarray,
-                 eta: float, alpha: float, l1_ratio: float, fit_intercept: bool) -> None:
-    """One proximal SGD update, in place.
+                 eta: float, alpha: float, l1_ratio: float, fit_intercept: bool,
+                 l1_state: dict | None = None) -> None:
+    """One SGD update, in place.
 
     ``coef -= eta (g_coef + alpha (1 - l1_ratio) coef)``, then the L1 part
-    ``alpha l1_ratio ||coef||_1`` by soft-thresholding at ``eta alpha
-    l1_ratio``; the intercept takes the plain gradient step.
+    ``alpha l1_ratio ||coef||_1``: with ``l1_state`` (``{"u": 0.0, "q":
+    zeros_like(coef)}`` at the start of a run) by the cumulative penalty of
+    Tsuruoka, Tsujii and Ananiadou (2009), as scikit-learn does, which clips
+    weights that only gradient noise keeps away from zero; without it, by one
+    soft-thresholding at ``eta alpha l1_ratio`` (the proximal step). The
+    intercept takes the plain gradient step.
     """
     l2, l1 = alpha * (1.0 - l1_ratio), alpha * l1_ratio
     if l2:
         coef *= 1.0 - eta * l2
     coef -= eta * g_coef
-    if l1:
+    if l1 and l1_state is None:
         np.copysign(np.maximum(np.abs(coef) - eta * l1, 0.0), coef, out=coef)
+    elif l1:
+        l1_state["u"] += eta * l1
+        u, q = l1_state["u"], l1_state["q"]
+        before = coef.copy()
+        np.copyto(coef, np.maximum(0.0, coef - (u + q)), where=before > 0)
+        np.copyto(coef, np.minimum(0.0, coef + (u - q)), where=before < 0)
+        q += coef - before
     if fit_intercept:
         intercept -= eta * g_int
+
+
+def new_l1_state(coef: np.ndarray) -> dict:
+    """The cumulative L1 penalty's state at the start of a run (see :func:`apply_update`)."""
+    return {"u": 0.0, "q": np.zeros_like(coef)}
 
 
 class SGDPartial(NamedTuple):
@@ -150,14 +170,15 @@ def local_sgd(
     X: np.ndarray, w: np.ndarray | None, offset: int, *, y: np.ndarray, theta: np.ndarray,
     family: str, n_classes: int, fit_intercept: bool, epsilon: float, alpha: float,
     l1_ratio: float, schedule: dict, t_start: float, batch_size: int, part: int, n_parts: int,
-    seed: int, pass_index: int, shard_rows: int, row_base: int, shuffle: bool,
+    seed: int, pass_index: int, row_base: int, shuffle: bool,
 ) -> SGDPartial:
     """Mini-batch SGD over slice ``part`` of ``n_parts`` of this shard's rows in visiting order.
 
     Parameters
     ----------
     X : ndarray of shape (n, n_features)
-        One shard (``offset`` its first row, ``row_base + offset`` its global row).
+        One shard (``offset`` its first row in this input, ``row_base + offset`` its
+        global row number, which names it).
     w, y : ndarray of shape (n,)
         Weights (or None) and targets / class indices.
     theta : ndarray of shape (p,)
@@ -175,8 +196,8 @@ def local_sgd(
     """
     X = _as_float(X)
     n, d = X.shape
-    shard = (row_base + offset) // shard_rows
-    index = shard_permutation(n, seed, pass_index, shard, shuffle)[_slice(n, part, n_parts)]
+    index = shard_permutation(n, seed, pass_index, row_base + offset, shuffle)[
+        _slice(n, part, n_parts)]
     Xs, ys = X[index], y[index]
     ws = None if w is None else np.asarray(w, dtype=np.float64)[index]
     m = index.size
@@ -191,6 +212,7 @@ def local_sgd(
     coef_t = coef.T.astype(X.dtype)
     loss, t = 0.0, float(t_start)
     steps = 0
+    l1_state = new_l1_state(coef) if alpha * l1_ratio else None
     for s in range(0, m, batch_size):
         Xb, yb, wb = Xs[s : s + batch_size], ys[s : s + batch_size], ws[s : s + batch_size]
         Z = (Xb @ coef_t).astype(np.float64) + intercept
@@ -199,7 +221,7 @@ def local_sgd(
         D /= Xb.shape[0]
         g_coef = D.T.astype(X.dtype) @ Xb
         apply_update(coef, intercept, g_coef, D.sum(axis=0), learning_rate(schedule, t),
-                     alpha, l1_ratio, fit_intercept)
+                     alpha, l1_ratio, fit_intercept, l1_state)
         coef_t = coef.T.astype(X.dtype)
         t += 1.0
         steps += 1
@@ -221,7 +243,7 @@ def combine_step(a: StepPartial, b: StepPartial) -> StepPartial:
 def step_partial(
     X: np.ndarray, w: np.ndarray | None, offset: int, *, y: np.ndarray, theta: np.ndarray,
     family: str, n_classes: int, fit_intercept: bool, epsilon: float, step: int, n_steps: int,
-    seed: int, pass_index: int, shard_rows: int, row_base: int, shuffle: bool,
+    seed: int, pass_index: int, row_base: int, shuffle: bool,
 ) -> StepPartial:
     """Loss and gradient sums of slice ``step`` of ``n_steps`` of a shard already in visiting order."""
     n = X.shape[0]
@@ -231,8 +253,8 @@ def step_partial(
     index = np.arange(sl.start, sl.stop)
     bad = _bad_row(Xs, ys, ws, index, 0)
     if bad >= 0:  # map back to the global row through the visiting order
-        shard = (row_base + offset) // shard_rows
-        bad = int(row_base + offset + shard_permutation(n, seed, pass_index, shard, shuffle)[bad])
+        shard = row_base + offset
+        bad = int(shard + shard_permutation(n, seed, pass_index, shard, shuffle)[bad])
         empty = GLMPartial(0.0, np.zeros(theta.size), None, 0.0)
         return StepPartial(empty, 0, bad)
     part = glm_partial(Xs, ws, offset, y=ys, theta=theta, family=family,
