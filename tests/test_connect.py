@@ -15,12 +15,12 @@ from distributed import Client, LocalCluster, Worker
 from distributed.deploy.utils import nprocesses_nthreads
 from distributed.system import MEMORY_LIMIT
 
-from dmlkit.connect import SchedulerConnectionError, connect
+from dmlkit.connect import ClusterStartError, SchedulerConnectionError, connect
 
 pytestmark = pytest.mark.cluster
 
 ENV_VARS = ("DMLKIT_SCHEDULER", "DASK_SCHEDULER_ADDRESS", "DMLKIT_SCHEDULER_FILE",
-            "DASK_SCHEDULER_FILE")
+            "DASK_SCHEDULER_FILE", "DMLKIT_CLUSTER", "DMLKIT_JOBS")
 
 
 @pytest.fixture(autouse=True)
@@ -255,3 +255,123 @@ def test_security_is_passed_to_local_cluster_and_to_remote_client():
             assert client.submit(sum, [1, 2]).result() == 3
         with pytest.raises(ConnectionError):  # no certificates: clear error, not a hang
             connect(cluster.scheduler_address, timeout=1.0)
+
+
+# --- batch systems (dask-jobqueue); the real SLURM runs are in test_slurm.py --------------
+
+JOB_SCRIPT_LINES = {"slurm": ("sbatch", "#SBATCH --mem=1G"),
+                    "pbs": ("qsub", "#PBS -l select=1:ncpus=1:mem=1024MB"),
+                    "sge": ("qsub", "#$ -N dask-worker")}
+LOCAL_SCHEDULER = {"scheduler_options": {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}}
+
+
+@pytest.fixture
+def no_batch_commands(tmp_path, monkeypatch):
+    """A PATH without sbatch / qsub (whatever this machine has)."""
+    pytest.importorskip("dask_jobqueue")
+    monkeypatch.setenv("PATH", str(tmp_path))
+
+
+@pytest.mark.parametrize("system", ["slurm", "pbs", "sge"])
+def test_batch_system_without_its_commands_prints_the_script_and_fails_fast(
+        system, no_batch_commands, capsys):
+    command, line = JOB_SCRIPT_LINES[system]
+    start = time.monotonic()
+    with pytest.raises(ClusterStartError, match=f"cluster='{system}' submits its jobs with "
+                                                f"'{command}', which is not on PATH"):
+        connect(cluster=system, jobs=2, cores=1, memory="1GiB", **LOCAL_SCHEDULER)
+    assert time.monotonic() - start < 10
+    out = capsys.readouterr().out
+    assert f"(cluster='{system}'), 2 jobs of this script:" in out and line in out
+
+
+def test_dmlkit_cluster_env_and_jobs_zero_give_a_cluster_closed_with_the_client(
+        no_batch_commands, monkeypatch, capsys):
+    monkeypatch.setenv("DMLKIT_CLUSTER", "PBS")
+    monkeypatch.setenv("DMLKIT_JOBS", "0")  # no job: nothing is submitted, scale/adapt later
+    client = connect(cores=2, memory="2GiB", **LOCAL_SCHEDULER)
+    cluster = client.cluster
+    assert type(cluster).__name__ == "PBSCluster" and len(client.nthreads()) == 0
+    assert "(DMLKIT_CLUSTER='pbs'), 0 jobs" in capsys.readouterr().out
+    client.close()
+    assert cluster.status.name == "closed"
+
+
+def test_batch_cores_and_memory_come_from_the_dask_config(no_batch_commands):
+    import dask
+
+    with dask.config.set({"jobqueue.sge.cores": 3, "jobqueue.sge.memory": "3GiB"}):
+        with connect(cluster="sge", jobs=0, quiet=True, **LOCAL_SCHEDULER) as client:
+            script = client.cluster.job_script()
+    # 3 cores and 3 GiB per job: dask-jobqueue makes 3 workers of 1 thread and 1 GiB
+    assert "--nthreads 1 --memory-limit 1.00GiB --nworkers 3" in script
+    with dask.config.set({"jobqueue.sge.cores": None, "jobqueue.sge.memory": None}):
+        with pytest.raises(ValueError, match=r"needs the cores and memory.*jobqueue\.sge\.cores"
+                                             r".*jobqueue\.yaml"):
+            connect(cluster="sge", jobs=1)
+
+
+def test_batch_argument_errors(no_batch_commands, monkeypatch):
+    with pytest.raises(ValueError, match="cluster='torque' should be one of"):
+        connect(cluster="torque")
+    monkeypatch.setenv("DMLKIT_CLUSTER", "condor")
+    with pytest.raises(ValueError, match="DMLKIT_CLUSTER='condor' should be one of"):
+        connect()
+    monkeypatch.delenv("DMLKIT_CLUSTER")
+    with pytest.raises(ValueError, match="pass only one"):
+        connect("tcp://127.0.0.1:8786", cluster="slurm")
+    with pytest.raises(TypeError, match="jobs=2.*describe batch jobs.*cluster='slurm'"):
+        connect(jobs=2, cores=1)
+    with pytest.raises(TypeError, match="'wall_time' \\(did you mean 'walltime'\\?\\)"):
+        connect(cluster="slurm", cores=1, memory="1GiB", wall_time="01:00:00")
+    with pytest.raises(TypeError, match="n_workers=4.*pass jobs="):
+        connect(cluster="slurm", cores=1, memory="1GiB", n_workers=4)
+    with pytest.raises(ValueError, match="jobs=-1 should be"):
+        connect(cluster="slurm", jobs=-1, cores=1, memory="1GiB")
+    monkeypatch.setenv("DMLKIT_JOBS", "two")
+    with pytest.raises(ValueError, match="DMLKIT_JOBS='two' should be"):
+        connect(cluster="slurm", cores=1, memory="1GiB")
+
+
+def test_dmlkit_cluster_local_starts_a_local_cluster(monkeypatch):
+    monkeypatch.setenv("DMLKIT_CLUSTER", "local")
+    with connect(processes=False, n_workers=1, quiet=True) as client:
+        assert type(client.cluster).__name__ == "LocalCluster"
+
+
+def test_scheduler_env_beats_cluster_env_and_ignores_job_arguments(running, monkeypatch):
+    monkeypatch.setenv("DMLKIT_CLUSTER", "slurm")
+    monkeypatch.setenv("DMLKIT_SCHEDULER", running.scheduler_address)
+    with pytest.warns(UserWarning, match=r"\['cores', 'jobs'\].*ignored"):
+        client = connect(jobs=2, cores=1, quiet=True)
+    with client:
+        assert client.scheduler.address == running.scheduler_address
+
+
+def test_missing_dask_jobqueue_says_what_it_is_for(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "dask_jobqueue", None)
+    with pytest.raises(ImportError, match=r"connect\(cluster='slurm'\) starts Dask workers as "
+                                          r"batch jobs through dask-jobqueue.*dmlkit\[hpc\]"):
+        connect(cluster="slurm", cores=1, memory="1GiB")
+
+
+def test_local_cluster_size_from_the_environment(monkeypatch):
+    """binder/start exports the pod's size; explicit arguments still come first."""
+    from dmlkit.connect import _local_cluster_defaults
+
+    monkeypatch.setenv("DMLKIT_N_WORKERS", "1")
+    monkeypatch.setenv("DMLKIT_THREADS_PER_WORKER", "2")
+    monkeypatch.setenv("DMLKIT_MEMORY_LIMIT", "1.5 GiB")
+    d = _local_cluster_defaults({})
+    assert (d["n_workers"], d["threads_per_worker"], d["memory_limit"]) == (1, 2, 3 * 2**29)
+    d = _local_cluster_defaults({"n_workers": 3})
+    assert d["n_workers"] == 3 and d["memory_limit"] == 2**29  # the same total, split in 3
+    monkeypatch.setenv("DMLKIT_N_WORKERS", "two")
+    with pytest.raises(ValueError, match="DMLKIT_N_WORKERS='two' should be an integer >= 1"):
+        _local_cluster_defaults({})
+    monkeypatch.setenv("DMLKIT_N_WORKERS", "1")
+    monkeypatch.setenv("DMLKIT_MEMORY_LIMIT", "lots")
+    with pytest.raises(ValueError, match="DMLKIT_MEMORY_LIMIT='lots' should be a byte count"):
+        _local_cluster_defaults({})

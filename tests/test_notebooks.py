@@ -30,7 +30,8 @@ NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
 CELL_TIMEOUT = 300  # seconds per cell
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")  # colours in IPython's tracebacks
 SCHEDULER_VARIABLES = ("DMLKIT_SCHEDULER", "DASK_SCHEDULER_ADDRESS",
-                       "DMLKIT_SCHEDULER_FILE", "DASK_SCHEDULER_FILE")
+                       "DMLKIT_SCHEDULER_FILE", "DASK_SCHEDULER_FILE",
+                       "DMLKIT_CLUSTER", "DMLKIT_JOBS")
 
 
 def test_there_are_notebooks():
