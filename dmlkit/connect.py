@@ -5,27 +5,39 @@
 SLURM / PBS / SGE, or a new local cluster sized to the machine), fails fast with
 a message that says what to check, and prints one line saying where it
 connected and where the dashboard is.
+
+This module holds the resolution and the connection to an existing scheduler.
+A LocalCluster is started by :mod:`dmlkit._local`, a dask-jobqueue cluster by
+:mod:`dmlkit._jobqueue`; what they share (the exceptions, ClusterClient, the
+version check) is in :mod:`dmlkit._client`, and re-exported here.
 """
 from __future__ import annotations
 
 import asyncio
-import difflib
-import inspect
 import json
-import logging
 import os
-import shlex
-import shutil
-import socket
-import subprocess
-import sys
-import threading
 import time
 import warnings
 from collections.abc import Mapping
 from typing import Any
 
 from distributed import Client
+
+from dmlkit._client import (  # noqa: F401  (CHECKED_PACKAGES, ClusterClient: re-exported)
+    CHECKED_PACKAGES,
+    ClusterClient,
+    ClusterStartError,
+    SchedulerConnectionError,
+    SchedulerVersionError,
+    _call_with_deadline,
+    _check_versions,
+)
+from dmlkit._jobqueue import (  # noqa: F401  (JOBS_ENV_VAR: re-exported)
+    BATCH_SYSTEMS,
+    JOBS_ENV_VAR,
+    _start_batch,
+)
+from dmlkit._local import _start_local
 
 __all__ = ["ClusterStartError", "SchedulerConnectionError", "SchedulerVersionError", "connect"]
 
@@ -35,57 +47,15 @@ ADDRESS_ENV_VARS = ("DMLKIT_SCHEDULER", "DASK_SCHEDULER_ADDRESS")
 SCHEDULER_FILE_ENV_VARS = ("DMLKIT_SCHEDULER_FILE", "DASK_SCHEDULER_FILE")
 #: Environment variable naming a batch system ("slurm", "pbs", "sge") or "local".
 CLUSTER_ENV_VAR = "DMLKIT_CLUSTER"
-#: Environment variable with the number of batch jobs when ``jobs`` is not given.
-JOBS_ENV_VAR = "DMLKIT_JOBS"
-#: Batch systems reachable through ``cluster=``: the dask-jobqueue class of each.
-BATCH_SYSTEMS = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "sge": "SGECluster"}
-#: Packages whose versions must agree between client, scheduler and workers
-#: (python: major.minor); dmlkit must agree between client and workers.
-CHECKED_PACKAGES = ("python", "dask", "distributed")
+# Also public here, defined next to their users: JOBS_ENV_VAR and BATCH_SYSTEMS
+# (dmlkit._jobqueue), CHECKED_PACKAGES (dmlkit._client).
 
-_DEFAULT_DASHBOARD_PORT = 8787
 _TCP_SCHEMES = ("tcp", "tls", "ws", "wss", "ucx")
 
-
-class SchedulerConnectionError(ConnectionError):
-    """No Dask scheduler answered at the resolved address within the timeout."""
-
-
-class SchedulerVersionError(SchedulerConnectionError):
-    """The scheduler or workers run other versions of python, dask, distributed or dmlkit."""
-
-
-class ClusterStartError(RuntimeError):
-    """A batch-system cluster could not submit its jobs, or their workers did not connect."""
-
-
-class ClusterClient(Client):
-    """A Client that owns its cluster (LocalCluster or dask-jobqueue): closing it closes both."""
-
-    @property
-    def dashboard_link(self) -> str | None:
-        link = super().dashboard_link
-        cluster = self.cluster
-        # distributed builds an in-process (inproc://) cluster's link from the
-        # machine's IP, where a dashboard bound to 127.0.0.1 is not listening.
-        http = getattr(getattr(cluster, "scheduler", None), "http_server", None)
-        if not link or http is None or not cluster.scheduler_address.startswith("inproc://"):
-            return link
-        host = getattr(http, "address", None)
-        if host in (None, "", "0.0.0.0", "::"):
-            return link
-        from distributed.utils import format_dashboard_link
-
-        return format_dashboard_link(f"[{host}]" if ":" in host else host, http.port)
-
-    def close(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return super().close(*args, **kwargs)
-        finally:
-            cluster = self.cluster
-            # At interpreter exit the cluster's own finalizer shuts it down.
-            if cluster is not None and not self.asynchronous and not sys.is_finalizing():
-                cluster.close()
+# Tracebacks and reprs name the public module, where users import these from.
+for _cls in (ClusterClient, ClusterStartError, SchedulerConnectionError, SchedulerVersionError):
+    _cls.__module__ = __name__
+del _cls
 
 
 def connect(
@@ -495,446 +465,6 @@ async def _handshake(address: str, timeout: float, connection_args: dict[str, An
 def _run_with_deadline(make_coro: Any, deadline: float) -> Any:
     """Run a coroutine on a fresh event loop in a daemon thread (works under Jupyter too)."""
     return _call_with_deadline(lambda: asyncio.run(make_coro()), deadline)
-
-
-def _call_with_deadline(func: Any, deadline: float) -> Any:
-    """``func()`` in a daemon thread; TimeoutError if it has not returned after ``deadline`` s."""
-    outcome: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            outcome["value"] = func()
-        except BaseException as exc:  # re-raised in the calling thread
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=target, name="dmlkit-connect-probe", daemon=True)
-    thread.start()
-    thread.join(deadline)
-    if thread.is_alive():
-        raise TimeoutError(f"no answer within {deadline:g} s")
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome.get("value")
-
-
-def _local_cluster_parameters(worker_class: Any) -> set[str]:
-    """Keyword arguments LocalCluster accepts, directly or passed on to its workers."""
-    from distributed import LocalCluster, Nanny, Worker
-    from distributed.core import Server
-
-    names: set[str] = set()
-    classes = [LocalCluster, Nanny, Worker, Server]
-    if isinstance(worker_class, type):
-        classes.append(worker_class)
-    for cls in classes:
-        for name, param in inspect.signature(cls.__init__).parameters.items():
-            if param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD) and name != "self":
-                names.add(name)
-    return names
-
-
-def _env_int(name: str) -> int | None:
-    """A positive integer from environment variable ``name``; None where unset or empty."""
-    value = os.environ.get(name, "").strip()
-    if not value:
-        return None
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"environment variable {name}={value!r} should be an integer >= 1")
-    return int(value)
-
-
-def _env_bytes(name: str) -> int | None:
-    """A byte count (``"1610612736"``, ``"1.5 GiB"``) from ``name``; None where unset or empty."""
-    from dask.utils import parse_bytes
-
-    value = os.environ.get(name, "").strip()
-    if not value:
-        return None
-    try:
-        count = parse_bytes(value)
-    except ValueError:
-        count = 0
-    if count < 1:
-        raise ValueError(f"environment variable {name}={value!r} should be a byte count such as "
-                         "'1610612736' or '1.5 GiB'")
-    return count
-
-
-def _local_cluster_defaults(kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """Defaults for a LocalCluster on this machine; ``kwargs`` are the user's overrides."""
-    from dask.system import CPU_COUNT
-    from distributed.deploy.utils import nprocesses_nthreads
-    from distributed.system import MEMORY_LIMIT
-
-    processes = kwargs.get("processes", True)
-    # binder/start exports these from the pod's cgroup limits; arguments come first
-    n_workers = kwargs.get("n_workers", _env_int("DMLKIT_N_WORKERS"))
-    threads = kwargs.get("threads_per_worker", _env_int("DMLKIT_THREADS_PER_WORKER"))
-    if n_workers is None and threads is None:
-        # In one process, several workers only compete for the GIL and the memory.
-        n_workers, threads = nprocesses_nthreads(CPU_COUNT) if processes else (1, CPU_COUNT)
-    elif n_workers is None:
-        n_workers = max(1, CPU_COUNT // max(int(threads), 1))
-    elif threads is None:
-        threads = max(1, CPU_COUNT // max(int(n_workers), 1))
-
-    memory_limit = int(MEMORY_LIMIT // max(int(n_workers), 1))
-    env_limit = _env_bytes("DMLKIT_MEMORY_LIMIT")
-    if env_limit:
-        # a per-worker limit for DMLKIT_N_WORKERS workers: the same total for another count
-        env_workers = _env_int("DMLKIT_N_WORKERS") or int(n_workers)
-        memory_limit = int(env_limit * env_workers // max(int(n_workers), 1))
-    defaults: dict[str, Any] = {
-        "n_workers": n_workers,
-        "threads_per_worker": threads,
-        "processes": processes,
-        "memory_limit": memory_limit,
-        "dashboard_address": _dashboard_address(),
-    }
-    # In one process LocalCluster talks over inproc:// unless told otherwise, and
-    # then a host would be wrong; where it uses tcp it defaults to 127.0.0.1 too.
-    if processes and not any(key in kwargs for key in ("host", "ip", "interface", "protocol")):
-        defaults["host"] = "127.0.0.1"
-    return defaults
-
-
-def _dashboard_address() -> str:
-    """127.0.0.1:8787 when that port is free, else any free port on 127.0.0.1."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", _DEFAULT_DASHBOARD_PORT))
-        except OSError:
-            return "127.0.0.1:0"
-    # Still racy; distributed then falls back to a free port with a UserWarning.
-    return f"127.0.0.1:{_DEFAULT_DASHBOARD_PORT}"
-
-
-def _start_local(*, timeout: float, security: Any, kwargs: Mapping[str, Any]) -> Client:
-    """A LocalCluster with machine-sized defaults, and a Client that owns it."""
-    from distributed import LocalCluster
-
-    accepted = _local_cluster_parameters(kwargs.get("worker_class"))
-    unknown = sorted(set(kwargs) - accepted)
-    if unknown:
-        hints = [
-            f"{name!r} (did you mean {match[0]!r}?)" if (match := difflib.get_close_matches(name, accepted, 1))
-            else repr(name)
-            for name in unknown
-        ]
-        raise TypeError(
-            f"connect() got unexpected keyword argument(s) {', '.join(hints)}: keyword arguments "
-            "are passed to distributed.LocalCluster and its workers (e.g. n_workers, "
-            "threads_per_worker, memory_limit, processes)"
-        )
-
-    cluster_kwargs = {**_local_cluster_defaults(kwargs), **kwargs}
-    if security is not None:
-        cluster_kwargs["security"] = security
-    cluster = LocalCluster(**cluster_kwargs)
-    try:
-        # No security here: the Client inherits the cluster's (security=True
-        # would otherwise make a second, different temporary certificate).
-        client = ClusterClient(cluster, timeout=timeout)
-    except BaseException:
-        cluster.close()
-        raise
-    try:
-        client.wait_for_workers(cluster_kwargs["n_workers"], timeout=timeout)
-    except BaseException:
-        client.close()
-        raise
-    return client
-
-
-def _check_versions(client: Client, where: str, timeout: float) -> None:
-    """Raise SchedulerVersionError (closing the client) if the cluster's versions differ from ours."""
-    try:
-        versions = _call_with_deadline(lambda: client.get_versions(packages=["dmlkit"]), timeout + 2)
-    except Exception as exc:
-        client.close()
-        raise SchedulerConnectionError(
-            f"could not read the versions of the Dask cluster at {where} within {timeout:g} s "
-            f"({type(exc).__name__}: {exc}); pass check_versions=False to connect without checking"
-        ) from exc
-
-    def version(info: Any, package: str) -> str | None:
-        packages = info.get("packages") if isinstance(info, Mapping) else None
-        value = packages.get(package) if isinstance(packages, Mapping) else None
-        if package == "python" and value:
-            value = ".".join(str(value).split(".")[:2])
-        return value
-
-    mine = versions["client"]
-    workers = versions.get("workers") or {}
-    problems = []
-    for package in (*CHECKED_PACKAGES, "dmlkit"):
-        here = version(mine, package)
-        elsewhere = []
-        if package != "dmlkit":  # the scheduler runs no tasks: it needs no dmlkit
-            there = version(versions.get("scheduler"), package)
-            if there != here:
-                elsewhere.append(f"{there or 'missing'} on the scheduler")
-        by_version: dict[str | None, list[str]] = {}
-        for address, info in sorted(workers.items()):
-            by_version.setdefault(version(info, package), []).append(address)
-        for there, addresses in by_version.items():
-            if there != here:
-                shown = ", ".join(addresses[:3]) + (f" and {len(addresses) - 3} more" if len(addresses) > 3 else "")
-                elsewhere.append(f"{there or 'missing'} on worker{'s' * (len(addresses) > 1)} {shown}")
-        if elsewhere:
-            problems.append(f"{package} {here or 'missing'} here, {', '.join(elsewhere)}")
-    if problems:
-        client.close()
-        raise SchedulerVersionError(
-            f"the Dask cluster at {where} runs other versions than this client: "
-            f"{'; '.join(problems)}. Mixed versions fail in obscure ways or hang mid-computation: "
-            "install the same python (major.minor), dask, distributed and dmlkit for the client, "
-            "the scheduler and the workers (e.g. from the same environment.yml), or pass "
-            "check_versions=False to connect anyway"
-        )
-
-
-def _import_dask_jobqueue(system: str) -> Any:
-    try:
-        import dask_jobqueue
-    except ImportError as exc:
-        raise ImportError(
-            f"connect(cluster={system!r}) starts Dask workers as batch jobs through dask-jobqueue, "
-            "which is not installed: pip install 'dmlkit[hpc]' (or: pip install dask-jobqueue; "
-            "conda install -c conda-forge dask-jobqueue)"
-        ) from exc
-    return dask_jobqueue
-
-
-def _batch_cluster_parameters(cls: Any) -> set[str]:
-    """Keyword arguments a dask-jobqueue cluster accepts, directly or passed on to its jobs."""
-    names: set[str] = set()
-    classes = [c for c in (*cls.__mro__, *cls.job_cls.__mro__)
-               if c.__module__.startswith("dask_jobqueue") and "__init__" in vars(c)]
-    for c in classes:
-        for name, param in inspect.signature(c.__init__).parameters.items():
-            if param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD) and name != "self":
-                names.add(name)
-    return names - {"n_workers", "job_cls", "scheduler", "cores", "memory"}
-
-
-def _n_jobs(jobs: Any) -> int:
-    source = "jobs"
-    if jobs is None:
-        value = os.environ.get(JOBS_ENV_VAR, "").strip()
-        if not value:
-            return 1
-        source = JOBS_ENV_VAR
-        try:
-            jobs = int(value)
-        except ValueError:
-            raise ValueError(f"{JOBS_ENV_VAR}={value!r} should be a whole number of jobs >= 0") from None
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 0:
-        raise ValueError(f"{source}={jobs!r} should be a whole number of jobs >= 0")
-    return jobs
-
-
-def _start_batch(system: str, *, source: str, jobs: int | None, cores: Any, memory: Any,
-                 timeout: float, worker_timeout: float, security: Any, check_versions: bool,
-                 quiet: bool, kwargs: Mapping[str, Any]) -> Client:
-    """A dask-jobqueue cluster with ``jobs`` jobs submitted and their workers connected."""
-    import dask
-
-    jobs = _n_jobs(jobs)
-    if (isinstance(worker_timeout, bool) or not isinstance(worker_timeout, (int, float))
-            or not worker_timeout > 0):
-        raise ValueError(f"worker_timeout={worker_timeout!r} should be a number of seconds > 0")
-    cls = getattr(_import_dask_jobqueue(system), BATCH_SYSTEMS[system])
-    if "n_workers" in kwargs:
-        raise TypeError(
-            f"n_workers={kwargs['n_workers']!r}: connect(cluster={system!r}) scales by batch jobs; "
-            f"pass jobs= (each job runs `processes` workers)"
-        )
-    accepted = _batch_cluster_parameters(cls)
-    unknown = sorted(set(kwargs) - accepted)
-    if unknown:
-        hints = [
-            f"{name!r} (did you mean {match[0]!r}?)" if (match := difflib.get_close_matches(name, accepted, 1))
-            else repr(name)
-            for name in unknown
-        ]
-        raise TypeError(
-            f"connect() got unexpected keyword argument(s) {', '.join(hints)}: with "
-            f"cluster={system!r} keyword arguments are passed to dask_jobqueue.{cls.__name__} "
-            "(e.g. processes, walltime, queue, account, job_extra_directives, worker_extra_args, "
-            "scheduler_options, log_directory)"
-        )
-    section = f"jobqueue.{kwargs.get('config_name') or cls.job_cls.default_config_name()}"
-    cores = dask.config.get(f"{section}.cores", None) if cores is None else cores
-    memory = dask.config.get(f"{section}.memory", None) if memory is None else memory
-    missing = [name for name, value in (("cores", cores), ("memory", memory)) if value is None]
-    if missing:
-        raise ValueError(
-            f"cluster={system!r} needs the cores and memory of one job, and {' and '.join(missing)} "
-            f"{'is' if len(missing) == 1 else 'are'} neither given nor set in the dask config "
-            f"({', '.join(f'{section}.{m}' for m in missing)}): pass e.g. "
-            f"connect(cluster={system!r}, cores=1, memory='4GiB'), or set them in "
-            f"~/.config/dask/jobqueue.yaml (or DASK_{section.upper().replace('.', '__')}__CORES=1 "
-            f"and ...__MEMORY=4GiB)"
-        )
-
-    job_kwargs = {**kwargs, "cores": cores, "memory": memory}
-    if security is not None:
-        job_kwargs["security"] = security
-    cluster = cls(**job_kwargs)  # starts the scheduler in this process; submits nothing yet
-    try:
-        if not quiet:
-            print(f"dmlkit: {cls.__name__} ({source}={system!r}), {jobs} job{'s' * (jobs != 1)} "
-                  f"of this script:\n{cluster.job_script()}", flush=True)
-        command = shlex.split(cls.job_cls.submit_command)[0]
-        if jobs and shutil.which(command) is None:
-            raise ClusterStartError(
-                f"cluster={system!r} submits its jobs with {command!r}, which is not on PATH: run "
-                f"this on a login node of the {system.upper()} cluster (or where its client "
-                "commands are installed)"
-            )
-        client = ClusterClient(cluster, timeout=timeout)
-    except BaseException:
-        cluster.close()
-        raise
-    try:
-        if jobs:
-            _submit_jobs(cluster, system, jobs)
-            _wait_for_batch_workers(client, cluster, system, jobs, worker_timeout,
-                                    cores=cores, memory=memory)
-            if check_versions:
-                _check_versions(client, f"{cluster.scheduler_address} ({cls.__name__})", timeout)
-    except BaseException:
-        client.close()  # also closes the cluster: cancels the jobs
-        raise
-    return client
-
-
-class _DropReported(logging.Filter):
-    """Drops tornado's log of an exception that connect() re-raises with a clearer message."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        return not getattr(exc, "_dmlkit_reported", False)
-
-
-def _submit_jobs(cluster: Any, system: str, jobs: int) -> None:
-    """Scale to ``jobs`` and wait until the batch system accepted (or refused) every job."""
-
-    async def scale_and_submit() -> None:
-        # On the cluster's event loop, so that the submission the scale schedules is
-        # the one awaited here: a refused job then raises instead of only being logged.
-        cluster.scale(jobs=jobs)
-        correct_state = getattr(cluster, "_correct_state", None)
-        if correct_state is not None:
-            try:
-                await correct_state()
-            except Exception as exc:
-                # The scale's own callback awaits the same submission after us and would
-                # log its traceback next to the ClusterStartError: mark it as reported.
-                exc._dmlkit_reported = True  # type: ignore[attr-defined]
-                raise
-
-    logger = logging.getLogger("tornado.application")
-    if not any(isinstance(f, _DropReported) for f in logger.filters):
-        logger.addFilter(_DropReported())
-    try:
-        cluster.sync(scale_and_submit)
-    except Exception as exc:
-        from distributed.core import Status
-
-        for job in cluster.workers.values():  # refused: never started, so closing must skip it
-            if getattr(job, "job_id", "") is None and job.status == Status.created:
-                job.status = Status.failed
-        text = str(exc)
-        reason = text.split("stderr:", 1)[1] if "stderr:" in text else text
-        reason = "; ".join(line.strip() for line in reason.splitlines() if line.strip())
-        raise ClusterStartError(
-            f"cluster={system!r}: the batch system refused the worker jobs: {reason or repr(exc)}. "
-            "Check the job script printed above against what the queue allows (cores, memory, "
-            "walltime, queue/partition, account): a job asking more than any node has is refused"
-        ) from exc
-
-
-def _job_ids(cluster: Any) -> list[str]:
-    return [str(job.job_id) for job in cluster.workers.values() if getattr(job, "job_id", None)]
-
-
-def _slurm_states(job_ids: list[str]) -> dict[str, str] | None:
-    """``{job id: "STATE (reason)"}`` for the jobs still in SLURM's queue; None if squeue fails."""
-    if not job_ids:
-        return {}
-    try:
-        out = subprocess.run(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i %T %r"],
-                             capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if out.returncode != 0:  # all the jobs have left the queue: "Invalid job id specified"
-        return {} if "invalid job id" in out.stderr.lower() else None
-    states = {}
-    for line in out.stdout.splitlines():
-        job_id, state, reason = (line.split(maxsplit=2) + ["", ""])[:3]
-        states[job_id] = f"{state} ({reason})" if reason and reason != "None" else state
-    return states
-
-
-#: SLURM job states in which a job may still start a worker.
-_SLURM_ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED",
-                 "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED"}
-
-
-def _job_log_tail(log_directory: str | None, job_ids: list[str], lines: int = 3) -> str:
-    """`` Job <id> wrote: ...`` from the first job's error log, or ""."""
-    if not log_directory or not job_ids:
-        return ""
-    import glob
-
-    folder = os.path.expanduser(log_directory)
-    for path in sorted(glob.glob(os.path.join(glob.escape(folder), f"*{job_ids[0]}.err"))):
-        try:
-            with open(path, errors="replace") as f:
-                tail = [line.strip() for line in f.read().splitlines() if line.strip()][-lines:]
-        except OSError:
-            continue
-        if tail:
-            return f" Job {job_ids[0]} wrote ({path}): {' | '.join(tail)}."
-    return ""
-
-
-def _wait_for_batch_workers(client: Client, cluster: Any, system: str, jobs: int,
-                            worker_timeout: float, *, cores: Any, memory: Any) -> None:
-    """Wait for the workers of all jobs; ClusterStartError saying why if they do not come."""
-    expected = jobs * cluster._dummy_job.worker_processes
-    start = time.monotonic()
-    next_check = start + 2
-    while (n := len(client.nthreads())) < expected:
-        now = time.monotonic()
-        if now - start > worker_timeout:
-            reason = f"only {n} of {expected} workers connected within worker_timeout={worker_timeout:g} s"
-            break
-        if system == "slurm" and now >= next_check:
-            next_check = now + 2
-            states = _slurm_states(_job_ids(cluster))
-            if states is not None and not any(s.split()[0] in _SLURM_ACTIVE for s in states.values()):
-                reason = (f"the jobs ended after {now - start:.0f} s with only {n} of "
-                          f"{expected} workers connected")
-                break
-        time.sleep(0.2)
-    else:
-        return
-    ids = _job_ids(cluster)
-    states = _slurm_states(ids) if system == "slurm" else None
-    queue = (", ".join(f"{i} {states.get(i, 'gone')}" for i in ids) if states is not None
-             else ", ".join(ids) or "none")
-    log_directory = getattr(cluster._dummy_job, "log_directory", None)
-    logs = log_directory or f"{os.getcwd()} (the submission folder)"
-    said = _job_log_tail(log_directory, ids)
-    raise ClusterStartError(
-        f"cluster={system!r}: {reason}; jobs: {queue}.{said} Check that the jobs start (squeue / "
-        f"qstat), their output in {logs}, that one job fits a node (cores={cores!r}, memory={memory!r}), "
-        f"and that the compute nodes reach the scheduler at {cluster.scheduler_address} "
-        "(scheduler_options={'host': ...} or interface= in jobqueue.yaml). The jobs are cancelled"
-    )
 
 
 def _describe(client: Client) -> str:

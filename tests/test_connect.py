@@ -359,7 +359,7 @@ def test_missing_dask_jobqueue_says_what_it_is_for(monkeypatch):
 
 def test_local_cluster_size_from_the_environment(monkeypatch):
     """binder/start exports the pod's size; explicit arguments still come first."""
-    from dmlkit.connect import _local_cluster_defaults
+    from dmlkit._local import _local_cluster_defaults
 
     monkeypatch.setenv("DMLKIT_N_WORKERS", "1")
     monkeypatch.setenv("DMLKIT_THREADS_PER_WORKER", "2")

@@ -1,0 +1,148 @@
+"""A LocalCluster sized to this machine (or to DMLKIT_N_WORKERS, DMLKIT_THREADS_PER_WORKER,
+DMLKIT_MEMORY_LIMIT), with its dashboard on 127.0.0.1, and a Client that owns it.
+
+Private: used by :func:`dmlkit.connect.connect`.
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+import os
+import socket
+from collections.abc import Mapping
+from typing import Any
+
+from distributed import Client
+
+from dmlkit._client import ClusterClient
+
+_DEFAULT_DASHBOARD_PORT = 8787
+
+
+def _local_cluster_parameters(worker_class: Any) -> set[str]:
+    """Keyword arguments LocalCluster accepts, directly or passed on to its workers."""
+    from distributed import LocalCluster, Nanny, Worker
+    from distributed.core import Server
+
+    names: set[str] = set()
+    classes = [LocalCluster, Nanny, Worker, Server]
+    if isinstance(worker_class, type):
+        classes.append(worker_class)
+    for cls in classes:
+        for name, param in inspect.signature(cls.__init__).parameters.items():
+            if param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD) and name != "self":
+                names.add(name)
+    return names
+
+
+def _env_int(name: str) -> int | None:
+    """A positive integer from environment variable ``name``; None where unset or empty."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"environment variable {name}={value!r} should be an integer >= 1")
+    return int(value)
+
+
+def _env_bytes(name: str) -> int | None:
+    """A byte count (``"1610612736"``, ``"1.5 GiB"``) from ``name``; None where unset or empty."""
+    from dask.utils import parse_bytes
+
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        count = parse_bytes(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise ValueError(f"environment variable {name}={value!r} should be a byte count such as "
+                         "'1610612736' or '1.5 GiB'")
+    return count
+
+
+def _local_cluster_defaults(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Defaults for a LocalCluster on this machine; ``kwargs`` are the user's overrides."""
+    from dask.system import CPU_COUNT
+    from distributed.deploy.utils import nprocesses_nthreads
+    from distributed.system import MEMORY_LIMIT
+
+    processes = kwargs.get("processes", True)
+    # binder/start exports these from the pod's cgroup limits; arguments come first
+    n_workers = kwargs.get("n_workers", _env_int("DMLKIT_N_WORKERS"))
+    threads = kwargs.get("threads_per_worker", _env_int("DMLKIT_THREADS_PER_WORKER"))
+    if n_workers is None and threads is None:
+        # In one process, several workers only compete for the GIL and the memory.
+        n_workers, threads = nprocesses_nthreads(CPU_COUNT) if processes else (1, CPU_COUNT)
+    elif n_workers is None:
+        n_workers = max(1, CPU_COUNT // max(int(threads), 1))
+    elif threads is None:
+        threads = max(1, CPU_COUNT // max(int(n_workers), 1))
+
+    memory_limit = int(MEMORY_LIMIT // max(int(n_workers), 1))
+    env_limit = _env_bytes("DMLKIT_MEMORY_LIMIT")
+    if env_limit:
+        # a per-worker limit for DMLKIT_N_WORKERS workers: the same total for another count
+        env_workers = _env_int("DMLKIT_N_WORKERS") or int(n_workers)
+        memory_limit = int(env_limit * env_workers // max(int(n_workers), 1))
+    defaults: dict[str, Any] = {
+        "n_workers": n_workers,
+        "threads_per_worker": threads,
+        "processes": processes,
+        "memory_limit": memory_limit,
+        "dashboard_address": _dashboard_address(),
+    }
+    # In one process LocalCluster talks over inproc:// unless told otherwise, and
+    # then a host would be wrong; where it uses tcp it defaults to 127.0.0.1 too.
+    if processes and not any(key in kwargs for key in ("host", "ip", "interface", "protocol")):
+        defaults["host"] = "127.0.0.1"
+    return defaults
+
+
+def _dashboard_address() -> str:
+    """127.0.0.1:8787 when that port is free, else any free port on 127.0.0.1."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", _DEFAULT_DASHBOARD_PORT))
+        except OSError:
+            return "127.0.0.1:0"
+    # Still racy; distributed then falls back to a free port with a UserWarning.
+    return f"127.0.0.1:{_DEFAULT_DASHBOARD_PORT}"
+
+
+def _start_local(*, timeout: float, security: Any, kwargs: Mapping[str, Any]) -> Client:
+    """A LocalCluster with machine-sized defaults, and a Client that owns it."""
+    from distributed import LocalCluster
+
+    accepted = _local_cluster_parameters(kwargs.get("worker_class"))
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        hints = [
+            f"{name!r} (did you mean {match[0]!r}?)" if (match := difflib.get_close_matches(name, accepted, 1))
+            else repr(name)
+            for name in unknown
+        ]
+        raise TypeError(
+            f"connect() got unexpected keyword argument(s) {', '.join(hints)}: keyword arguments "
+            "are passed to distributed.LocalCluster and its workers (e.g. n_workers, "
+            "threads_per_worker, memory_limit, processes)"
+        )
+
+    cluster_kwargs = {**_local_cluster_defaults(kwargs), **kwargs}
+    if security is not None:
+        cluster_kwargs["security"] = security
+    cluster = LocalCluster(**cluster_kwargs)
+    try:
+        # No security here: the Client inherits the cluster's (security=True
+        # would otherwise make a second, different temporary certificate).
+        client = ClusterClient(cluster, timeout=timeout)
+    except BaseException:
+        cluster.close()
+        raise
+    try:
+        client.wait_for_workers(cluster_kwargs["n_workers"], timeout=timeout)
+    except BaseException:
+        client.close()
+        raise
+    return client
