@@ -154,6 +154,10 @@ def _slice(n: int, part: int, n_parts: int) -> slice:
     return slice(part * n // n_parts, (part + 1) * n // n_parts)
 
 
+def _all_finite(v: np.ndarray) -> bool:
+    return v.dtype.kind != "f" or bool(np.isfinite(v).all())
+
+
 def _bad_row(X, y, w, index: np.ndarray, start: int) -> int:
     """Global index of the first row of ``X[index]`` with NaN or inf (in X, y or w) or w < 0, else -1."""
     ok = np.isfinite(X).all(axis=1)
@@ -198,13 +202,20 @@ def local_sgd(
     n, d = X.shape
     index = shard_permutation(n, seed, pass_index, row_base + offset, shuffle)[
         _slice(n, part, n_parts)]
-    Xs, ys = X[index], y[index]
+    ys = y[index]
     ws = None if w is None else np.asarray(w, dtype=np.float64)[index]
     m = index.size
-    bad = _bad_row(Xs, ys, ws, index, row_base + offset)
-    if bad >= 0 or m == 0:
-        return SGDPartial(m * theta, m, 0.0, 0, bad)
+    # the whole shard at once is cheaper than row by row; rows only when something is wrong
+    if not (np.isfinite(X).all() and _all_finite(ys) and (ws is None or _all_finite(ws))
+            and (ws is None or (ws >= 0).all())):
+        bad = _bad_row(X[index], ys, ws, index, row_base + offset)
+        if bad >= 0:
+            return SGDPartial(m * theta, m, 0.0, 0, bad)
+    if m == 0:
+        return SGDPartial(m * theta, m, 0.0, 0, -1)
     ws = np.ones(m) if ws is None else ws
+    X = np.ascontiguousarray(X)
+    buffer = np.empty((min(batch_size, m), d), dtype=X.dtype)
     theta = theta.copy()
     coef, intercept = split_theta(theta, family, d, fit_intercept)
     if not fit_intercept:
@@ -214,7 +225,10 @@ def local_sgd(
     steps = 0
     l1_state = new_l1_state(coef) if alpha * l1_ratio else None
     for s in range(0, m, batch_size):
-        Xb, yb, wb = Xs[s : s + batch_size], ys[s : s + batch_size], ws[s : s + batch_size]
+        rows = index[s : s + batch_size]
+        # gathered a mini-batch at a time into one buffer: cheaper than one big gather
+        Xb = np.take(X, rows, axis=0, out=buffer if rows.size == buffer.shape[0] else None)
+        yb, wb = ys[s : s + batch_size], ws[s : s + batch_size]
         Z = (Xb @ coef_t).astype(np.float64) + intercept
         part_loss, D, _ = pointwise(Z, yb, wb, family, epsilon)
         loss += part_loss
