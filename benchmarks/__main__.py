@@ -4,6 +4,7 @@
     python -m benchmarks outofcore [--size large]
     python -m benchmarks logreg [--rows N] [--classes K] ...
     python -m benchmarks sgd [--rows N] [--epochs E] ...
+    python -m benchmarks knn [--rows N] [--queries Q] [--n-probe P ...] ...
 """
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import argparse
 import json
 from pathlib import Path
 
-from benchmarks import kmeans, logreg, outofcore, sgd
+from benchmarks import kmeans, knn, logreg, outofcore, sgd
 
-BENCHMARKS = {"kmeans": kmeans, "outofcore": outofcore, "logreg": logreg, "sgd": sgd}
+BENCHMARKS = {"kmeans": kmeans, "outofcore": outofcore, "logreg": logreg, "sgd": sgd,
+              "knn": knn}
 
 
 def main(argv=None) -> None:

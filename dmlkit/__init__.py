@@ -9,10 +9,11 @@ from dmlkit.connect import connect
 from dmlkit.data import open_zarr
 from dmlkit.kmeans import KMeans
 from dmlkit.linear_model import LinearRegression, LogisticRegression, Ridge
+from dmlkit.neighbors import KNeighborsClassifier, KNeighborsRegressor, NearestNeighbors
 from dmlkit.preprocessing import StandardScaler
 from dmlkit.sgd import SGDClassifier, SGDRegressor
 
-__all__ = ["KMeans", "LinearRegression", "LogisticRegression", "Ridge", "SGDClassifier",
-           "SGDRegressor", "StandardScaler",
-           "connect", "open_zarr"]
+__all__ = ["KMeans", "KNeighborsClassifier", "KNeighborsRegressor", "LinearRegression",
+           "LogisticRegression", "NearestNeighbors", "Ridge", "SGDClassifier", "SGDRegressor",
+           "StandardScaler", "connect", "open_zarr"]
 __version__ = "0.1.0"

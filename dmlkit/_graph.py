@@ -12,6 +12,10 @@ Kernels have the signature ``kernel(X, w, offset, **params)`` (``X`` a NumPy
 block, ``w`` its weights or None, ``offset`` the global index of its first row)
 and combines ``combine(a, b)``; both are plain NumPy functions from
 ``dmlkit._kernels``.
+
+Searches (nearest neighbours) use :func:`tiles` instead: a kernel over every
+(data block, query block) pair, and per query block the same fixed tree;
+:func:`stack` turns the per-query-block records into lazy arrays.
 """
 from __future__ import annotations
 
@@ -249,3 +253,183 @@ class Passes:
 def compute(*results):
     """The one synchronisation point: compute delayed results together."""
     return dask.compute(*results)
+
+
+def _tile_block(x, offset, *rest, kernel, n_queries, row_names):
+    """Blockwise body of :func:`tiles`: one (data block, query block) pair."""
+    params = rest[-1]
+    queries, row_blocks = rest[:n_queries], rest[n_queries:-1]
+    rows = dict(zip(row_names, row_blocks))
+    return kernel(x, int(offset[0]), *queries, **rows, **params)
+
+
+def tiles(
+    X: da.Array,
+    queries: Sequence[da.Array],
+    kernel: Callable,
+    combine: Callable,
+    params: dict | None = None,
+    rows: dict[str, da.Array] | None = None,
+    split_every: int | None = None,
+    name: str = "tile",
+) -> list:
+    """Map ``kernel`` over every (data block, query block) pair, tree-combine per query block.
+
+    Parameters
+    ----------
+    X : dask.array.Array of shape (n_samples, n_features)
+        One chunk along features.
+    queries : sequence of dask arrays
+        Query-side arrays with the same row chunks (e.g. the queries and
+        precomputed per-query parameters); 1-D or 2-D with one column chunk.
+    kernel : callable
+        ``kernel(X_block, offset, *query_blocks, **row_blocks, **params)``,
+        ``offset`` the global index of the block's first row.
+    combine : callable
+        Associative ``combine(a, b)`` of two partial results for the same queries.
+    params : dict, optional
+        Broadcast parameters, one literal key in the graph.
+    rows : dict of str to dask arrays, optional
+        Arrays aligned with the rows of ``X`` (same row chunks; 1-D, or 2-D
+        with one column chunk), passed to ``kernel`` by keyword, block by block.
+    split_every : int or None
+        Fan-in of each query block's tree (None: 8).
+
+    Returns
+    -------
+    list of dask.delayed.Delayed
+        One combined record per query block, in query order; nothing is computed.
+
+    Notes
+    -----
+    Each data block is read once per call (one task; with a single query
+    block the read fuses into the tile) and all its tiles depend on it, so
+    the scheduler runs them where the block is: data blocks stay put, only
+    query blocks and the small partial results travel. Every query block's
+    tree has the shape of :meth:`RowBlocks.reduce`, so the result does not
+    depend on the schedule.
+    """
+    fan_in = check_split_every(split_every)
+    rows = dict(rows or {})
+    if X.numblocks[1] != 1:
+        raise ValueError(f"X has {X.numblocks[1]} chunks along features; expected 1")
+    for key, v in rows.items():
+        if v.chunks[0] != X.chunks[0] or (v.ndim == 2 and v.numblocks[1] != 1):
+            raise ValueError(f"rows[{key!r}] must have the same row chunks as X and one "
+                             "column chunk")
+    q_chunks = queries[0].chunks[0]
+    for q in queries:
+        if q.chunks[0] != q_chunks or (q.ndim == 2 and q.numblocks[1] != 1):
+            raise ValueError("query arrays must share their row chunks and have one column chunk")
+    offsets = np.concatenate([[0], np.cumsum(X.chunks[0])[:-1]]).astype(np.int64)
+    offs = da.from_array(offsets, chunks=1)
+    shipped = dask.delayed(params if params is not None else {}, traverse=False, pure=True)
+    args = [X, "af", offs, "a"]
+    for i, q in enumerate(queries):
+        args += [q, "b" if q.ndim == 1 else ("b", f"q{i}")]
+    for i, v in enumerate(rows.values()):
+        args += [v, "a" if v.ndim == 1 else ("a", f"r{i}")]
+    args += [shipped, None]
+    token = dask.base.tokenize(kernel, combine, fan_in, shipped.key, X, *queries, *rows.values(),
+                               sorted(rows))
+    parts = da.blockwise(
+        _tile_block, "ab", *args, kernel=kernel, n_queries=len(queries), row_names=list(rows),
+        name=f"{name}-tile-{token}", dtype=object, concatenate=True, align_arrays=False,
+        adjust_chunks={"a": 1, "b": 1}, meta=np.empty((0, 0), dtype=object),
+    )
+    grid = parts.to_delayed(optimize_graph=True)
+    fold = dask.delayed(_fold_all, pure=True)
+    out = []
+    for b in range(grid.shape[1]):
+        level, column = 0, list(grid[:, b])
+        while len(column) > 1:
+            groups = [column[j : j + fan_in] for j in range(0, len(column), fan_in)]
+            column = [
+                group[0] if len(group) == 1 else
+                fold(combine, *group, dask_key_name=(f"{name}-combine-{token}", b, level, i))
+                for i, group in enumerate(groups)
+            ]
+            level += 1
+        out.append(column[0])
+    return out
+
+
+def _finish_block(part, func, params):
+    return func(part, **params)
+
+
+def stack(parts: Sequence, func: Callable, n_rows: Sequence[int], dtype,
+          n_columns: int | None = None, params: Sequence[dict] | None = None) -> da.Array:
+    """A lazy array from per-block records: ``func(part, **params[i])`` for each part, stacked.
+
+    Block ``i`` has ``n_rows[i]`` rows and either no second axis
+    (``n_columns=None``) or ``n_columns`` columns.
+    """
+    params = params if params is not None else [{}] * len(parts)
+    fin = dask.delayed(_finish_block, pure=True)
+    blocks = []
+    for part, n, p in zip(parts, n_rows, params):
+        shape = (n,) if n_columns is None else (n, n_columns)
+        blocks.append(da.from_delayed(fin(part, func, p), shape=shape, dtype=dtype))
+    return da.concatenate(blocks, axis=0) if len(blocks) > 1 else blocks[0]
+
+
+def _apply_offset(block, func, params, offsets, block_id=None):
+    return func(block, int(offsets[block_id[0]]), **params)
+
+
+def map_row_blocks(X: da.Array, func: Callable, params: dict, dtype,
+                   n_columns: int | None = None) -> da.Array:
+    """Like :func:`map_rows`, with the global index of each block's first row:
+    ``func(X_block, offset, **params)``."""
+    shipped = dask.delayed(params, traverse=False, pure=True)
+    offsets = np.concatenate([[0], np.cumsum(X.chunks[0])[:-1]]).astype(np.int64)
+    kw = dict(dtype=dtype, offsets=offsets)
+    if X.ndim == 1 or n_columns is None:
+        if X.ndim == 2:
+            kw.update(drop_axis=1)
+        return X.map_blocks(_apply_offset, func, shipped, chunks=(X.chunks[0],), **kw)
+    return X.map_blocks(_apply_offset, func, shipped, chunks=(X.chunks[0], (n_columns,)), **kw)
+
+
+def compute_with_progress(results: Sequence[da.Array], bar) -> tuple:
+    """Like :func:`compute`, advancing ``bar`` by the rows of each block as it finishes.
+
+    ``results`` are dask arrays with one chunk along every axis but the
+    first, whose blocks finish independently (one per query block, say).
+    The bar follows the blocks of the first array: as futures on a
+    distributed client, by a scheduler callback on the local schedulers.
+    Returns NumPy arrays.
+    """
+    blocks = [list(r.to_delayed().ravel()) for r in results]
+    rows = results[0].chunks[0]
+    try:
+        from distributed import default_client
+
+        client = default_client()
+    except (ImportError, ValueError):
+        client = None
+    if client is not None:
+        from distributed import as_completed
+
+        futures = client.compute([b for group in blocks for b in group])
+        firsts = {f.key: n for f, n in zip(futures, rows)}
+        for f in as_completed(futures):
+            bar.update(firsts.get(f.key, 0))
+        values = client.gather(futures)
+        out, i = [], 0
+        for group in blocks:
+            out.append(np.concatenate(values[i : i + len(group)], axis=0))
+            i += len(group)
+        return tuple(out)
+    from dask.callbacks import Callback
+
+    keys = {b.key: n for b, n in zip(blocks[0], rows)}
+
+    class _Advance(Callback):
+        def _posttask(self, key, result, dsk, state, worker_id):
+            if key in keys:
+                bar.update(keys[key])
+
+    with _Advance():
+        return compute(*results)

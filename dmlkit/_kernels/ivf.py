@@ -1,0 +1,264 @@
+"""Inverted-file (IVF) kernels: approximate nearest neighbours on data grouped by list.
+
+The index assigns every row to its nearest *list* centroid (a coarse
+quantizer trained by K-means) and stores each data block with its rows sorted
+by list, so that the rows of one list form a contiguous segment of every
+block. A query probes its ``n_probe`` nearest lists: in each block it scans
+only those segments.
+
+Per block (no dask here):
+
+- :func:`sort_block` orders a block's rows by list (stable, so by global
+  index inside a list) and counts the rows of each list.
+- :func:`probes_block` finds the ``n_probe`` nearest lists of each query.
+- :func:`ivf_partial` scans the probed segments of one block for a block of
+  queries and returns the same :class:`~dmlkit._kernels.knn.Neighbors`
+  record as the exact search, merged by the same
+  :func:`~dmlkit._kernels.knn.merge_neighbors`.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from dmlkit._kernels.knn import (Neighbors, _as_float, _hits, _margin, _Prepared, _prune,
+                                 _threshold32, empty_neighbors, exact_distances, normalize_rows,
+                                 prepare_rows, select)
+
+
+
+#: Rows of one list scanned by one matrix product (longer lists go in pieces).
+LIST_ROWS = 4096
+#: Queries of one list scanned by one matrix product (more go in groups).
+LIST_QUERIES = 2048
+
+
+def _unit_or_float(X: np.ndarray, metric: str) -> np.ndarray:
+    return normalize_rows(X) if metric == "cosine" else _as_float(X)
+
+
+def nearest_lists(X: np.ndarray, centroids: np.ndarray, n: int, sort: bool = False) -> np.ndarray:
+    """The ``n`` nearest centroids of each row (squared Euclidean).
+
+    ``X`` is already normalised for the cosine metric. Returns int64 of shape
+    (rows, n), nearest first when ``sort`` (else in no particular order).
+    Scores ``||c||^2 - 2 x.c`` are computed in float32 in blocks of rows,
+    relative to the centroids' mean (no cancellation for data far from the
+    origin); exactly equal scores may come in either order.
+    """
+    X = _as_float(X)
+    mean = centroids.mean(axis=0)
+    C = (centroids - mean).astype(np.float32)
+    c2 = np.einsum("ij,ij->i", C, C)
+    minus_2ct = np.ascontiguousarray(-2.0 * C.T)
+    n_c = C.shape[0]
+    n = min(n, n_c)
+    out = np.empty((X.shape[0], n), dtype=np.int64)
+    step = max(64, (1 << 18) // max(n_c, 1))
+    for s in range(0, X.shape[0], step):
+        scores = (X[s : s + step] - mean).astype(np.float32) @ minus_2ct
+        scores += c2
+        if n == 1:
+            out[s : s + step, 0] = scores.argmin(axis=1)
+            continue
+        near = _smallest(scores, n) if n < n_c else np.broadcast_to(np.arange(n), scores.shape)
+        if sort:
+            near = np.take_along_axis(near, np.argsort(
+                np.take_along_axis(scores, near, axis=1), axis=1, kind="stable"), axis=1)
+        out[s : s + step] = near
+    return out
+
+
+def _smallest(scores: np.ndarray, n: int) -> np.ndarray:
+    """Columns of the ``n`` smallest scores of each row, in no particular order.
+
+    The ``n``-th smallest value of each row by ``partition`` (values only), then
+    one comparison: about twice as fast as ``argpartition``. Rows with ties
+    at the ``n``-th value fall back on ``argpartition``.
+    """
+    kth = np.partition(scores, n - 1, axis=1)[:, n - 1 : n]
+    rows, cols = np.nonzero(scores <= kth)
+    if rows.size == scores.shape[0] * n:
+        return cols.reshape(-1, n)
+    return np.argpartition(scores, n - 1, axis=1)[:, :n]
+
+
+def sort_block(X: np.ndarray, *, centroids: np.ndarray, metric: str):
+    """Rows of a block ordered by list.
+
+    Returns
+    -------
+    order : ndarray of shape (m,), int64
+        Permutation of the block's rows: by list, then by row.
+    lists : ndarray of shape (m,), int32
+        The list of each row, in that order.
+    counts : ndarray of shape (n_lists,), int64
+        Rows per list in this block.
+    """
+    labels = nearest_lists(_unit_or_float(X, metric), centroids, 1)[:, 0]
+    order = np.argsort(labels, kind="stable")
+    counts = np.bincount(labels, minlength=centroids.shape[0]).astype(np.int64)
+    return order, labels[order].astype(np.int32), counts
+
+
+def probes_block(Q: np.ndarray, offset: int, *, centroids: np.ndarray, n_probe: int) -> np.ndarray:
+    """The ``n_probe`` lists each (prepared) query scans, nearest first: (n_queries, n_probe)."""
+    return nearest_lists(Q, centroids, n_probe, sort=True)
+
+
+def _group(lists_of_pairs: np.ndarray, n_lists: int):
+    """Pairs grouped by list: (order of the pairs, start of each list's run).
+
+    List numbers below 2**16 are sorted as uint16, for which NumPy's stable
+    sort is a radix sort.
+    """
+    keys = lists_of_pairs.astype(np.uint16) if n_lists <= 1 << 16 else lists_of_pairs
+    order = np.argsort(keys, kind="stable")
+    counts = np.bincount(lists_of_pairs, minlength=n_lists)
+    return order, np.concatenate([[0], np.cumsum(counts)])
+
+
+def prepare_block(X: np.ndarray, metric: str, center: np.ndarray | None = None) -> _Prepared:
+    """An index block as :func:`ivf_partial` scans it: ``[x - c, ||x - c||^2]`` in float32.
+
+    ``c`` is ``center`` (the same for every block, e.g. the mean of the
+    centroids), else the block's mean; rows are normalised first for "cosine".
+    """
+    return prepare_rows(_unit_or_float(X, metric), "euclidean", center)
+
+
+def prepared_rows(X: np.ndarray, *, metric: str, center: np.ndarray) -> np.ndarray:
+    """Just the array of :func:`prepare_block` (a blockwise function)."""
+    return prepare_block(X, metric, center).rows
+
+
+def ivf_tile(rows: np.ndarray, offset: int, Q: np.ndarray, probes: np.ndarray, *,
+             X: np.ndarray, center: np.ndarray, **kwargs) -> Neighbors:
+    """:func:`ivf_partial` on a block whose :func:`prepared_rows` (with ``center``) are given.
+
+    The prepared rows can then be computed once, next to the block, and kept
+    in memory with it.
+    """
+    prepared = _Prepared(rows, np.asarray(center, dtype=np.float32),
+                         float(np.sqrt(rows[:, -1].max())) if rows.shape[0] else 0.0)
+    return ivf_partial(X, offset, Q, probes, prepared=prepared, **kwargs)
+
+
+def ivf_partial(
+    X: np.ndarray, offset: int, Q: np.ndarray, probes: np.ndarray, *, lists: np.ndarray,
+    index: np.ndarray, k: int, metric: str, centroids: np.ndarray, y: np.ndarray | None = None,
+    prepared: _Prepared | None = None,
+) -> Neighbors:
+    """The ``k`` nearest rows of each query among the probed lists of one index block.
+
+    Parameters
+    ----------
+    X : ndarray of shape (m, n_features)
+        An index block, rows sorted by list.
+    offset : int
+        Unused (rows carry their global indices in ``index``).
+    Q : ndarray of shape (n_queries, n_features)
+        Prepared queries (see :func:`~dmlkit._kernels.knn.prepare_queries`).
+    probes : ndarray of shape (n_queries, n_probe), int64
+        Lists each query scans, nearest first, from :func:`probes_block`.
+    lists, index : ndarrays of shape (m,)
+        List and global row index of each row of ``X``.
+    k : int
+    metric : {"euclidean", "sqeuclidean", "cosine"}
+    centroids : ndarray of shape (n_lists, n_features)
+    y : ndarray of shape (m,), optional
+        Targets carried along as ``values``.
+    prepared : optional
+        :func:`prepare_block` of ``X``, when stored with the index (else
+        computed here: one pass over the block).
+
+    Returns
+    -------
+    Neighbors
+        Exact distances; the result is the exact ``k`` nearest among the rows
+        of the probed lists (ties to the lower index).
+
+    Notes
+    -----
+    The block is prepared as for the exact search (rows relative to a
+    centre, squared norms appended as a column; the estimator keeps this copy
+    next to the block when the index is cached) and each list is one float32
+    product of its queries and its rows. Every query first scans its
+    nearest list, which sets a threshold (the ``k``-th smallest distance
+    plus the float32 rounding margin); the other lists only add the few
+    entries under it. Survivors get exact float64 distances. The Python loop
+    runs over lists, not queries.
+    """
+    nq, n_probe = probes.shape
+    if X.shape[0] == 0 or nq == 0:
+        return empty_neighbors(nq, k, None if y is None else y.dtype)
+    n_lists, d = centroids.shape
+    P = prepared if prepared is not None else prepare_block(X, metric)  # [x - c, ||x - c||^2]
+    Qc = Q - P.center
+    Qa = np.empty((nq, d + 1), dtype=np.float32)
+    Qa[:, :d] = -2.0 * Qc
+    Qa[:, d] = 1.0
+    qc2 = np.einsum("ij,ij->i", Qc, Qc, dtype=np.float64)
+    margin = _margin(np.sqrt(qc2), P.norm_max, d)
+    bounds = np.searchsorted(lists, np.arange(n_lists + 1))
+    threshold = np.full(nq, np.inf)  # on ||q - x||^2
+    parts_q, parts_s, parts_r = [], [], []
+    pending, limit = 0, max(4 * nq * k, 1 << 15)
+    sizes = np.diff(bounds)
+    for rank in (slice(0, 1), slice(1, n_probe)):  # the nearest list first: it sets thresholds
+        pr = probes[:, rank]
+        order, starts = _group(pr.ravel(), n_lists)
+        width = pr.shape[1]
+        t32 = _threshold32(threshold - qc2)  # on the proxy ||x - c||^2 - 2 (q - c).(x - c)
+        scan = np.flatnonzero((sizes > 0) & (starts[1:] > starts[:-1]))
+        if not scan.size:
+            continue
+        # buffers reused by every list (fresh large temporaries cost page faults, the more
+        # so in dask workers, which return freed memory to the OS eagerly); a list longer
+        # than LIST_ROWS rows, or probed by more than LIST_QUERIES queries, goes in pieces
+        n_rows = min(int(sizes[scan].max()), LIST_ROWS)
+        n_q = min(int(np.diff(starts)[scan].max()), LIST_QUERIES)
+        gathered = np.empty((n_q, d + 1), dtype=np.float32)
+        tile = np.empty(n_rows * n_q, dtype=np.float32)
+        mask = np.zeros(-(-tile.size // 8) * 8, dtype=bool)
+        words = np.empty(mask.size // 8, dtype=bool)
+        for lst in scan:
+            s0, e0 = bounds[lst], bounds[lst + 1]
+            probing = order[starts[lst] : starts[lst + 1]] // width
+            for q0 in range(0, probing.size, LIST_QUERIES):
+                qs = probing[q0 : q0 + LIST_QUERIES]
+                G = np.take(Qa, qs, axis=0, out=gathered[: qs.size])
+                for s in range(s0, e0, LIST_ROWS):
+                    e = min(e0, s + LIST_ROWS)
+                    shape = (e - s, qs.size)
+                    D = np.matmul(P.rows[s:e], G.T, out=tile[: shape[0] * shape[1]].reshape(shape))
+                    tq = t32[qs]
+                    if rank.start == 0 and s == s0 and e - s >= k:
+                        threshold[qs] = np.partition(D, k - 1, axis=0)[k - 1] + qc2[qs] \
+                            + margin[qs]
+                        tq = t32[qs] = _threshold32(threshold[qs] - qc2[qs])
+                    np.less_equal(D, tq, out=mask[: D.size].reshape(shape))
+                    hits = _hits(mask, words, D.size) if D.size > 1 << 15 else \
+                        np.flatnonzero(mask[: D.size])
+                    if hits.size:
+                        hr, hq = np.divmod(hits, qs.size)
+                        parts_q.append(qs[hq])
+                        parts_s.append(D.ravel()[hits] + qc2[qs[hq]])
+                        parts_r.append(hr + s)
+                        pending += hits.size
+                    if pending > limit:  # tighten the thresholds
+                        q, sc, r, threshold = _prune(
+                            np.concatenate(parts_q), np.concatenate(parts_s),
+                            np.concatenate(parts_r), k, margin, nq)
+                        parts_q, parts_s, parts_r, pending = [q], [sc], [r], q.size
+                        t32 = _threshold32(threshold - qc2)
+        if rank.start == 0 and parts_q and np.isinf(threshold).any():
+            # queries whose nearest list holds fewer than k rows of this block
+            q, sc, r, threshold = _prune(np.concatenate(parts_q), np.concatenate(parts_s),
+                                         np.concatenate(parts_r), k, margin, nq)
+            parts_q, parts_s, parts_r, pending = [q], [sc], [r], q.size
+    if not parts_q:
+        return empty_neighbors(nq, k, None if y is None else y.dtype)
+    q, _, r, _ = _prune(np.concatenate(parts_q), np.concatenate(parts_s),
+                        np.concatenate(parts_r), k, margin, nq)
+    dist = exact_distances(Q[q], _unit_or_float(X[r], metric), metric)
+    return select(q, dist, index[r], nq, k, None if y is None else y[r])
