@@ -195,6 +195,18 @@ def as_rows(v: Any, X: da.Array, name: str) -> da.Array | None:
     return arr
 
 
+def as_targets(y: Any, X: Any, X_in: da.Array) -> da.Array:
+    """``y`` as rows aligned with ``X_in``; when None, the ``y`` of the store or
+    xarray Dataset ``X`` (an error if it holds none)."""
+    if y is None:
+        source = open_zarr(X) if isinstance(X, (str, os.PathLike)) else X
+        if not (hasattr(source, "data_vars") and "y" in source):
+            raise ValueError("y is None: pass the targets, or a Zarr store or xarray "
+                             "Dataset that holds 'y'")
+        y = source["y"]
+    return as_rows(y, X_in, "y")
+
+
 def check_sample_weight(sample_weight: Any, X: da.Array) -> da.Array | None:
     """Validate ``sample_weight``; eager checks for in-memory weights.
 

@@ -262,7 +262,6 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
 
     def _fit_single(self, passes: _graph.Passes, seed: int, run: int, init_array) -> dict:
         """One run of init + Lloyd + final inertia; assumes validated input."""
-        k = self.n_clusters
         bar = progress_bar(self.progress, total=self.max_iter, desc=f"KMeans run {run + 1}")
         try:
             if init_array is not None:

@@ -7,7 +7,6 @@ at the current parameters; the solvers work on those sums alone.
 from __future__ import annotations
 
 import numbers
-import os
 import time
 import warnings
 from typing import Any
@@ -55,13 +54,7 @@ def _linear_block(X, coef, intercept):
 def prepare_supervised(X: Any, y: Any, sample_weight: Any):
     """Validated dask arrays ``(X, y, sample_weight)``; ``y`` defaults to the store's ``y``."""
     X_in = data.as_matrix(X)
-    if y is None:
-        source = data.open_zarr(X) if isinstance(X, (str, os.PathLike)) else X
-        if not (hasattr(source, "data_vars") and "y" in source):
-            raise ValueError("y is None: pass the targets, or a Zarr store or xarray "
-                             "Dataset that holds 'y'")
-        y = source["y"]
-    y_in = data.as_rows(y, X_in, "y")
+    y_in = data.as_targets(y, X, X_in)
     w_in = data.check_sample_weight(sample_weight, X_in)
     return X_in, y_in, w_in
 

@@ -127,13 +127,7 @@ class _NeighborsBase(BaseEstimator):
         """``y`` as rows aligned with ``X`` (the store's ``y`` when None), or None."""
         if self._values is None:
             return None
-        if y is None:
-            source = data.open_zarr(X) if isinstance(X, (str, os.PathLike)) else X
-            if not (hasattr(source, "data_vars") and "y" in source):
-                raise ValueError("y is None: pass the targets, or a Zarr store or xarray "
-                                 "Dataset that holds 'y'")
-            y = source["y"]
-        return data.as_rows(y, X_in, "y")
+        return data.as_targets(y, X, X_in)
 
     def _fit(self, X: Any, y: Any = None):
         self._check_params()

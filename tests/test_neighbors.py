@@ -14,22 +14,7 @@ from sklearn.datasets import load_digits
 
 from dmlkit import KNeighborsClassifier, KNeighborsRegressor, NearestNeighbors
 from dmlkit.neighbors import recall_at_k
-
-
-def write_store(path, X, y=None, chunk_rows=1000):
-    """A Zarr v3 store in dmlkit's layout (as tests/conftest.py writes it; importable
-    here whether pytest runs as ``pytest`` or ``python -m pytest``)."""
-    import zarr
-
-    g = zarr.open_group(str(path), mode="w", zarr_format=3)
-    a = g.create_array("X", shape=X.shape, chunks=(chunk_rows, X.shape[1]), dtype=X.dtype,
-                       dimension_names=("sample", "feature"))
-    a[...] = X
-    if y is not None:
-        b = g.create_array("y", shape=y.shape, chunks=(chunk_rows,), dtype=y.dtype,
-                           dimension_names=("sample",))
-        b[...] = y
-    return str(path)
+from tests.conftest import write_store
 
 
 @pytest.fixture(scope="module")
