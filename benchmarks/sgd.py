@@ -200,7 +200,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-rows", type=int, default=100_000)
     p.add_argument("--alpha", type=float, default=1e-4)
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--learning-rate", default="adaptive")
+    p.add_argument("--learning-rate", default="invscaling")
     p.add_argument("--sync-every", type=float, default=0.25)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--data", default="data")

@@ -48,8 +48,9 @@ def objective(model, X, y, alpha=ALPHA):
     return part.loss / X.shape[0] + 0.5 * alpha * float(np.sum(coef ** 2))
 
 
-#: a decaying rate, eta0 / sqrt(t + 1), converges to the optimum
-FAST = dict(shard_rows=1000, max_epochs=20, tol=None, random_state=0, learning_rate="invscaling")
+#: a rate decaying as eta0 / sqrt(t + 1) converges to the optimum over many epochs
+FAST = dict(shard_rows=1000, max_epochs=20, tol=None, random_state=0, learning_rate="invscaling",
+            power_t=0.5)
 
 
 # ------------------------------------------------------------------ kernels
@@ -260,7 +261,7 @@ def test_partial_fit_learns_from_a_growing_zarr_store(problem, tmp_path):
     X, y = problem["X"], problem["binary"]
     path = write_store(tmp_path / "grow.zarr", X[:1000], y[:1000], chunk_rows=1000)
     model = SGDClassifier(alpha=ALPHA, batch_size=50, shard_rows=1000, random_state=0,
-                          learning_rate="invscaling")
+                          learning_rate="invscaling", power_t=0.5)
     seen = 0
     losses = []
     for start in range(0, N, 1000):
