@@ -36,11 +36,14 @@ def _unit_or_float(X: np.ndarray, metric: str) -> np.ndarray:
     return normalize_rows(X) if metric == "cosine" else _as_float(X)
 
 
-def nearest_lists(X: np.ndarray, centroids: np.ndarray, n: int, sort: bool = False) -> np.ndarray:
+def nearest_lists(X: np.ndarray, centroids: np.ndarray, n: int,
+                  sort: bool | str = False) -> np.ndarray:
     """The ``n`` nearest centroids of each row (squared Euclidean).
 
     ``X`` is already normalised for the cosine metric. Returns int64 of shape
-    (rows, n), nearest first when ``sort`` (else in no particular order).
+    (rows, n): nearest first when ``sort`` is True; with ``sort="first"``
+    only the nearest comes first, the others in no particular order (no
+    sort: cheaper); else all in no particular order.
     Scores ``||c||^2 - 2 x.c`` are computed in float32 in blocks of rows,
     relative to the centroids' mean (no cancellation for data far from the
     origin); exactly equal scores may come in either order.
@@ -61,7 +64,14 @@ def nearest_lists(X: np.ndarray, centroids: np.ndarray, n: int, sort: bool = Fal
             out[s : s + step, 0] = scores.argmin(axis=1)
             continue
         near = _smallest(scores, n) if n < n_c else np.broadcast_to(np.arange(n), scores.shape)
-        if sort:
+        if sort == "first":  # swap the nearest into column 0
+            near = np.array(near)
+            rows = np.arange(near.shape[0])
+            best = np.take_along_axis(scores, near, axis=1).argmin(axis=1)
+            nearest = near[rows, best]
+            near[rows, best] = near[:, 0]
+            near[:, 0] = nearest
+        elif sort:
             near = np.take_along_axis(near, np.argsort(
                 np.take_along_axis(scores, near, axis=1), axis=1, kind="stable"), axis=1)
         out[s : s + step] = near
@@ -101,8 +111,12 @@ def sort_block(X: np.ndarray, *, centroids: np.ndarray, metric: str):
 
 
 def probes_block(Q: np.ndarray, offset: int, *, centroids: np.ndarray, n_probe: int) -> np.ndarray:
-    """The ``n_probe`` lists each (prepared) query scans, nearest first: (n_queries, n_probe)."""
-    return nearest_lists(Q, centroids, n_probe, sort=True)
+    """The ``n_probe`` lists each (prepared) query scans: (n_queries, n_probe), int64.
+
+    The nearest list comes first (:func:`ivf_partial` scans it first, to set
+    the thresholds); the order of the others does not change the result.
+    """
+    return nearest_lists(Q, centroids, n_probe, sort="first")
 
 
 def _group(lists_of_pairs: np.ndarray, n_lists: int):
@@ -182,11 +196,13 @@ def ivf_partial(
     The block is prepared as for the exact search (rows relative to a
     centre, squared norms appended as a column; the estimator keeps this copy
     next to the block when the index is cached) and each list is one float32
-    product of its queries and its rows. Every query first scans its
-    nearest list, which sets a threshold (the ``k``-th smallest distance
-    plus the float32 rounding margin); the other lists only add the few
-    entries under it. Survivors get exact float64 distances. The Python loop
-    runs over lists, not queries.
+    product of the queries that probe it and its rows (see :func:`_scan`).
+    Every query first scans its nearest list, which sets a threshold (the
+    ``k``-th smallest distance plus the float32 rounding margin); the other
+    lists only add the few entries under it. Survivors get exact float64
+    distances. The Python loop runs over lists, not queries (and each list
+    adds its candidates as small arrays, gathered only when pruning: see
+    :class:`_Hits`).
     """
     nq, n_probe = probes.shape
     if X.shape[0] == 0 or nq == 0:
@@ -199,66 +215,130 @@ def ivf_partial(
     Qa[:, d] = 1.0
     qc2 = np.einsum("ij,ij->i", Qc, Qc, dtype=np.float64)
     margin = _margin(np.sqrt(qc2), P.norm_max, d)
-    bounds = np.searchsorted(lists, np.arange(n_lists + 1))
-    threshold = np.full(nq, np.inf)  # on ||q - x||^2
-    parts_q, parts_s, parts_r = [], [], []
-    pending, limit = 0, max(4 * nq * k, 1 << 15)
-    sizes = np.diff(bounds)
-    for rank in (slice(0, 1), slice(1, n_probe)):  # the nearest list first: it sets thresholds
-        pr = probes[:, rank]
-        order, starts = _group(pr.ravel(), n_lists)
-        width = pr.shape[1]
-        t32 = _threshold32(threshold - qc2)  # on the proxy ||x - c||^2 - 2 (q - c).(x - c)
-        scan = np.flatnonzero((sizes > 0) & (starts[1:] > starts[:-1]))
-        if not scan.size:
-            continue
-        # buffers reused by every list (fresh large temporaries cost page faults, the more
-        # so in dask workers, which return freed memory to the OS eagerly); a list longer
-        # than LIST_ROWS rows, or probed by more than LIST_QUERIES queries, goes in pieces
-        n_rows = min(int(sizes[scan].max()), LIST_ROWS)
-        n_q = min(int(np.diff(starts)[scan].max()), LIST_QUERIES)
-        gathered = np.empty((n_q, d + 1), dtype=np.float32)
-        tile = np.empty(n_rows * n_q, dtype=np.float32)
-        mask = np.zeros(-(-tile.size // 8) * 8, dtype=bool)
-        words = np.empty(mask.size // 8, dtype=bool)
-        for lst in scan:
-            s0, e0 = bounds[lst], bounds[lst + 1]
-            probing = order[starts[lst] : starts[lst + 1]] // width
-            for q0 in range(0, probing.size, LIST_QUERIES):
-                qs = probing[q0 : q0 + LIST_QUERIES]
-                G = np.take(Qa, qs, axis=0, out=gathered[: qs.size])
-                for s in range(s0, e0, LIST_ROWS):
-                    e = min(e0, s + LIST_ROWS)
-                    shape = (e - s, qs.size)
-                    D = np.matmul(P.rows[s:e], G.T, out=tile[: shape[0] * shape[1]].reshape(shape))
-                    tq = t32[qs]
-                    if rank.start == 0 and s == s0 and e - s >= k:
-                        threshold[qs] = np.partition(D, k - 1, axis=0)[k - 1] + qc2[qs] \
-                            + margin[qs]
-                        tq = t32[qs] = _threshold32(threshold[qs] - qc2[qs])
-                    np.less_equal(D, tq, out=mask[: D.size].reshape(shape))
-                    hits = _hits(mask, words, D.size) if D.size > 1 << 15 else \
-                        np.flatnonzero(mask[: D.size])
-                    if hits.size:
-                        hr, hq = np.divmod(hits, qs.size)
-                        parts_q.append(qs[hq])
-                        parts_s.append(D.ravel()[hits] + qc2[qs[hq]])
-                        parts_r.append(hr + s)
-                        pending += hits.size
-                    if pending > limit:  # tighten the thresholds
-                        q, sc, r, threshold = _prune(
-                            np.concatenate(parts_q), np.concatenate(parts_s),
-                            np.concatenate(parts_r), k, margin, nq)
-                        parts_q, parts_s, parts_r, pending = [q], [sc], [r], q.size
-                        t32 = _threshold32(threshold - qc2)
-        if rank.start == 0 and parts_q and np.isinf(threshold).any():
-            # queries whose nearest list holds fewer than k rows of this block
-            q, sc, r, threshold = _prune(np.concatenate(parts_q), np.concatenate(parts_s),
-                                         np.concatenate(parts_r), k, margin, nq)
-            parts_q, parts_s, parts_r, pending = [q], [sc], [r], q.size
-    if not parts_q:
+    bounds = np.searchsorted(lists, np.arange(n_lists + 1)).tolist()
+    # the queries probing each list, grouped by list: first by the nearest list only, then
+    # by the others
+    order0, starts0 = _group(probes[:, 0], n_lists)
+    order1, starts1 = _group(probes[:, 1:].ravel(), n_lists)
+    hits = _Hits(qc2, margin, k, limit=max(4 * nq * k, 1 << 15))
+    _scan(P.rows, Qa, hits, order0, bounds, starts0.tolist(), first=True)
+    if np.isinf(hits.threshold).any():  # queries whose nearest list has fewer than k rows here
+        hits.prune()
+    _scan(P.rows, Qa, hits, order1 // max(n_probe - 1, 1), bounds, starts1.tolist(), first=False)
+    q, _, r = hits.prune()
+    if not q.size:
         return empty_neighbors(nq, k, None if y is None else y.dtype)
-    q, _, r, _ = _prune(np.concatenate(parts_q), np.concatenate(parts_s),
-                        np.concatenate(parts_r), k, margin, nq)
     dist = exact_distances(Q[q], _unit_or_float(X[r], metric), metric)
     return select(q, dist, index[r], nq, k, None if y is None else y[r])
+
+
+class _Hits:
+    """The candidates ``(query, proxy score, row)`` of a block and the queries' thresholds.
+
+    :func:`_scan` adds, per product, the queries, rows and float32 scores of
+    the entries under the thresholds: small arrays, which are concatenated
+    (and the scores turned into ``||q - x||^2``) only when pruning, for all
+    products at once. ``threshold`` is on ``||q - x||^2`` and ``t32`` the
+    float32 bound on the proxy ``||x - c||^2 - 2 (q - c).(x - c)`` that the
+    products are compared with.
+    """
+
+    def __init__(self, qc2, margin, k, limit):
+        self.qc2, self.margin, self.k, self.limit = qc2, margin, k, limit
+        self.threshold = np.full(qc2.size, np.inf)
+        self.t32 = _threshold32(self.threshold - qc2)
+        self.kept = (np.empty(0, np.int64), np.empty(0), np.empty(0, np.int64))
+        self.q, self.s, self.r = [], [], []  # added since the last prune
+        self.pending = 0
+
+    def add(self, q, scores, r):
+        """Candidates: queries ``q``, rows ``r`` and their float32 proxy ``scores``."""
+        self.q.append(q)
+        self.s.append(scores)
+        self.r.append(r)
+        self.pending += q.size
+        if self.pending > self.limit:  # tighten the thresholds
+            self.prune()
+
+    def prune(self):
+        """Keep the candidates within the margin of their query's ``k``-th; new thresholds.
+
+        Returns the kept ``(q, s, r)``, ``s`` in float64 on ``||q - x||^2``.
+        """
+        kq, ks, kr = self.kept
+        q = np.concatenate([kq, *self.q])
+        s = np.concatenate([ks, *self.s])  # float64
+        r = np.concatenate([kr, *self.r])
+        s[kq.size :] += self.qc2[q[kq.size :]]
+        q, s, r, threshold = _prune(q, s, r, self.k, self.margin, self.qc2.size)
+        self.set_threshold(slice(None), threshold)
+        self.kept, self.q, self.s, self.r, self.pending = (q, s, r), [], [], [], q.size
+        return q, s, r
+
+    def set_threshold(self, queries, threshold):
+        self.threshold[queries] = threshold
+        self.t32[queries] = _threshold32(threshold - self.qc2[queries])
+
+
+def _scan(rows, Qa, hits: _Hits, probing, bounds, starts, first: bool) -> None:
+    """Compare every list's rows with the queries that probe it, adding the hits.
+
+    List ``l`` (rows ``bounds[l]:bounds[l + 1]``) is probed by the queries
+    ``probing[starts[l] : starts[l + 1]]``. Each product is
+    ``(queries x rows)``, at most :data:`LIST_QUERIES` x :data:`LIST_ROWS`
+    (longer runs go in pieces). With ``first``, each query's first product
+    of at least ``k`` rows sets its threshold: (a bound on) the ``k``-th
+    smallest score plus the margin.
+    """
+    n_lists, d1, k = len(starts) - 1, rows.shape[1], hits.k
+    sizes = [(bounds[i + 1] - bounds[i], starts[i + 1] - starts[i]) for i in range(n_lists)]
+    scan = [i for i, (m, n) in enumerate(sizes) if m and n]
+    if not scan:
+        return
+    # buffers reused by every list (fresh large temporaries cost page faults, the more so in
+    # dask workers, which return freed memory to the OS eagerly)
+    n_rows = min(max(sizes[i][0] for i in scan), LIST_ROWS)
+    n_q = min(max(sizes[i][1] for i in scan), LIST_QUERIES)
+    gathered = np.empty((n_q, d1), dtype=np.float32)
+    tq = np.empty((n_q, 1), dtype=np.float32)
+    tile = np.empty(n_rows * n_q, dtype=np.float32)
+    mask = np.zeros(-(-tile.size // 8) * 8, dtype=bool)
+    words = np.empty(mask.size // 8, dtype=bool)
+    for lst in scan:
+        s0, e0 = bounds[lst], bounds[lst + 1]
+        for a in range(starts[lst], starts[lst + 1], LIST_QUERIES):
+            b = min(a + LIST_QUERIES, starts[lst + 1])
+            qs = probing[a:b]
+            G = np.take(Qa, qs, axis=0, out=gathered[: b - a])
+            for s in range(s0, e0, LIST_ROWS):
+                e = min(e0, s + LIST_ROWS)
+                shape = (b - a, e - s)
+                D = np.matmul(G, rows[s:e].T, out=tile[: shape[0] * shape[1]].reshape(shape))
+                if first and s == s0 and e - s >= k:
+                    hits.set_threshold(qs, _kth_bound(D, k) + hits.qc2[qs] + hits.margin[qs])
+                t = np.take(hits.t32, qs, out=tq[: b - a, 0])
+                np.less_equal(D, t[:, None], out=mask[: D.size].reshape(shape))
+                found = _hits(mask, words, D.size) if D.size > 1 << 15 else \
+                    np.flatnonzero(mask[: D.size])
+                if found.size:
+                    i, j = np.divmod(found, e - s)
+                    hits.add(qs[i], D.ravel()[found], j + s)
+
+
+#: Rows per group whose minimum :func:`_kth_bound` takes.
+KTH_GROUP = 8
+
+
+def _kth_bound(D: np.ndarray, k: int) -> np.ndarray:
+    """An upper bound on the ``k``-th smallest entry of each row of ``D`` (``k <= D.shape[1]``).
+
+    The ``k``-th smallest of the minima of groups of :data:`KTH_GROUP`
+    columns, where there are at least ``k`` groups (``k`` group minima are
+    ``k`` distinct entries, so the bound holds; the ``k`` smallest entries
+    mostly fall in distinct groups, so it is nearly tight): a partition of
+    an eighth of the entries, after one vectorised pass. Else the exact
+    ``k``-th smallest.
+    """
+    if D.shape[1] >= KTH_GROUP * k:
+        D = np.minimum.reduceat(D, np.arange(0, D.shape[1], KTH_GROUP), axis=1)
+    return np.partition(D, k - 1, axis=1)[:, k - 1]

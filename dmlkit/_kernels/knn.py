@@ -172,10 +172,13 @@ def prepare_rows(X: np.ndarray, metric: str, center: np.ndarray | None = None) -
 def _sortable_up(s: np.ndarray) -> np.ndarray:
     """``s`` rounded up to float32, as uint64 integers that sort like the values."""
     s32 = s.astype(np.float32)
-    s32 = np.where(s32 < s, np.nextafter(s32, np.float32(np.inf)), s32)
-    bits = s32.view(np.uint32).astype(np.uint64)
-    negative = bits >> np.uint64(31)
-    return np.where(negative == 1, ~bits & np.uint64(0xFFFFFFFF), bits | np.uint64(1 << 31))
+    up = s32 < s
+    s32[up] = np.nextafter(s32[up], np.float32(np.inf))
+    # in place (few large temporaries): negative values get all bits flipped, the others
+    # only the sign bit (the arithmetic shift gives -1 or 0)
+    bits = s32.view(np.int32)
+    bits ^= (bits >> 31) | np.int32(-(1 << 31))
+    return bits.view(np.uint32).astype(np.uint64)
 
 
 def _from_sortable(key: np.ndarray) -> np.ndarray:
@@ -197,7 +200,11 @@ def _prune(q, s, r, k: int, margin: np.ndarray, n_queries: int):
     """
     counts = np.bincount(q, minlength=n_queries)
     starts = np.cumsum(counts) - counts
-    keys = np.sort((q.astype(np.uint64) << np.uint64(32)) | _sortable_up(s))
+    keys = _sortable_up(s)
+    high = q.astype(np.uint64)
+    high <<= np.uint64(32)
+    keys |= high
+    keys.sort()
     kth = np.full(n_queries, np.inf)
     full = counts >= k
     kth[full] = _from_sortable(keys[starts[full] + k - 1])
