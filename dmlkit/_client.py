@@ -125,3 +125,12 @@ def _check_versions(client: Client, where: str, timeout: float) -> None:
             "the scheduler and the workers (e.g. from the same environment.yml), or pass "
             "check_versions=False to connect anyway"
         )
+
+
+def _unknown_hints(unknown, accepted) -> list[str]:
+    """``'name'`` for each unknown keyword, with a "did you mean" where one is close."""
+    import difflib
+
+    return [f"{name!r} (did you mean {match[0]!r}?)"
+            if (match := difflib.get_close_matches(name, accepted, 1)) else repr(name)
+            for name in unknown]

@@ -6,7 +6,6 @@ batch system is asked for.
 """
 from __future__ import annotations
 
-import difflib
 import inspect
 import logging
 import os
@@ -19,7 +18,7 @@ from typing import Any
 
 from distributed import Client
 
-from dmlkit._client import ClusterClient, ClusterStartError, _check_versions
+from dmlkit._client import ClusterClient, ClusterStartError, _check_versions, _unknown_hints
 
 #: Environment variable with the number of batch jobs when ``jobs`` is not given.
 JOBS_ENV_VAR = "DMLKIT_JOBS"
@@ -86,11 +85,7 @@ def _start_batch(system: str, *, source: str, jobs: int | None, cores: Any, memo
     accepted = _batch_cluster_parameters(cls)
     unknown = sorted(set(kwargs) - accepted)
     if unknown:
-        hints = [
-            f"{name!r} (did you mean {match[0]!r}?)" if (match := difflib.get_close_matches(name, accepted, 1))
-            else repr(name)
-            for name in unknown
-        ]
+        hints = _unknown_hints(unknown, accepted)
         raise TypeError(
             f"connect() got unexpected keyword argument(s) {', '.join(hints)}: with "
             f"cluster={system!r} keyword arguments are passed to dask_jobqueue.{cls.__name__} "

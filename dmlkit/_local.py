@@ -5,7 +5,6 @@ Private: used by :func:`dmlkit.connect.connect`.
 """
 from __future__ import annotations
 
-import difflib
 import inspect
 import os
 import socket
@@ -14,7 +13,7 @@ from typing import Any
 
 from distributed import Client
 
-from dmlkit._client import ClusterClient
+from dmlkit._client import ClusterClient, _unknown_hints
 
 _DEFAULT_DASHBOARD_PORT = 8787
 
@@ -118,11 +117,7 @@ def _start_local(*, timeout: float, security: Any, kwargs: Mapping[str, Any]) ->
     accepted = _local_cluster_parameters(kwargs.get("worker_class"))
     unknown = sorted(set(kwargs) - accepted)
     if unknown:
-        hints = [
-            f"{name!r} (did you mean {match[0]!r}?)" if (match := difflib.get_close_matches(name, accepted, 1))
-            else repr(name)
-            for name in unknown
-        ]
+        hints = _unknown_hints(unknown, accepted)
         raise TypeError(
             f"connect() got unexpected keyword argument(s) {', '.join(hints)}: keyword arguments "
             "are passed to distributed.LocalCluster and its workers (e.g. n_workers, "
