@@ -15,12 +15,12 @@ from distributed import Client, LocalCluster, Worker
 from distributed.deploy.utils import nprocesses_nthreads
 from distributed.system import MEMORY_LIMIT
 
+from _processes import SCHEDULER_VARIABLES
 from dmlkit.connect import ClusterStartError, SchedulerConnectionError, connect
 
 pytestmark = pytest.mark.cluster
 
-ENV_VARS = ("DMLKIT_SCHEDULER", "DASK_SCHEDULER_ADDRESS", "DMLKIT_SCHEDULER_FILE",
-            "DASK_SCHEDULER_FILE", "DMLKIT_CLUSTER", "DMLKIT_JOBS")
+ENV_VARS = SCHEDULER_VARIABLES  # where connect() looks
 
 
 @pytest.fixture(autouse=True)

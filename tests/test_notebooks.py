@@ -9,7 +9,6 @@ notebook closes its client, which shuts down its cluster).
 """
 from __future__ import annotations
 
-import os
 import re
 import sys
 import time
@@ -22,6 +21,9 @@ nbclient = pytest.importorskip("nbclient")
 psutil = pytest.importorskip("psutil")
 pytest.importorskip("ipykernel")
 
+from _processes import SCHEDULER_VARIABLES  # noqa: E402
+from _processes import notebook_env as _notebook_env  # noqa: E402
+
 pytestmark = [pytest.mark.notebooks, pytest.mark.cluster]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,9 +31,6 @@ NOTEBOOKS_DIR = ROOT / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
 CELL_TIMEOUT = 300  # seconds per cell
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")  # colours in IPython's tracebacks
-SCHEDULER_VARIABLES = ("DMLKIT_SCHEDULER", "DASK_SCHEDULER_ADDRESS",
-                       "DMLKIT_SCHEDULER_FILE", "DASK_SCHEDULER_FILE",
-                       "DMLKIT_CLUSTER", "DMLKIT_JOBS")
 
 
 def test_there_are_notebooks():
@@ -41,18 +40,7 @@ def test_there_are_notebooks():
 @pytest.fixture(scope="session")
 def notebook_env(tmp_path_factory):
     """Environment of the kernels: a data folder shared by the session, a python3 kernel spec."""
-    from ipykernel.kernelspec import write_kernel_spec
-
-    base = tmp_path_factory.mktemp("notebooks")
-    # a kernel spec named python3 that runs this interpreter, found before any user-level one
-    write_kernel_spec(str(base / "jupyter" / "kernels" / "python3"))
-    return {
-        "DMLKIT_SIZE": "tiny",
-        "DMLKIT_DATA": str(base / "data"),
-        "MPLBACKEND": "Agg",
-        "JUPYTER_PATH": os.pathsep.join(
-            [str(base / "jupyter"), *filter(None, [os.environ.get("JUPYTER_PATH")])]),
-    }
+    return _notebook_env(tmp_path_factory.mktemp("notebooks"))
 
 
 def _child_processes(pid: int) -> list:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 import time
 from pathlib import Path
 
@@ -20,13 +19,12 @@ from numpy.testing import assert_array_equal
 import dmlkit
 from dmlkit import KMeans
 from dmlkit.connect import SchedulerConnectionError, SchedulerVersionError, connect
-from _processes import ROOT, dask_scheduler, dask_workers, execute_notebook, notebook_env
+from _processes import ROOT, SCHEDULER_VARIABLES, dask_scheduler, dask_workers, execute_notebook, notebook_env
 from conftest import write_store
 
 pytestmark = pytest.mark.cluster
 
-ENV_VARS = ("DMLKIT_SCHEDULER", "DASK_SCHEDULER_ADDRESS", "DMLKIT_SCHEDULER_FILE",
-            "DASK_SCHEDULER_FILE", "DMLKIT_CLUSTER", "DMLKIT_JOBS")
+ENV_VARS = SCHEDULER_VARIABLES  # where connect() looks
 
 
 @pytest.fixture(autouse=True)
