@@ -2,11 +2,15 @@
 
 A :class:`RowBlocks` holds the aligned row blocks of ``X`` (and optionally its
 sample weights) of one fit. :meth:`RowBlocks.reduce` maps a kernel over
-every block with parameters shipped once (one literal key in the graph, sent
-to each worker once) and combines the partial results by a tree of fan-in
-``split_every``. The tree's shape and the order inside every combine are fixed
-by the block order, so the floating point result does not depend on the
-scheduler, the number of workers or which worker ran what.
+every block with its parameters and combines the partial results by a tree of
+fan-in ``split_every``. Small parameters (centres, coefficients) travel inside
+each task; large ones enter the graph once, as one literal key sent to each
+worker once. The tree's levels are tasks, except the last combine (of at most
+``split_every`` records), which runs where the result is computed: that saves
+one task and one transfer between workers per pass. The tree's shape and the
+order inside every combine are fixed by the block order, so the floating point
+result does not depend on the scheduler, the number of workers or which worker
+ran what.
 
 Kernels have the signature ``kernel(X, w, offset, **params)`` (``X`` a NumPy
 block, ``w`` its weights or None, ``offset`` the global index of its first row)
@@ -25,10 +29,16 @@ from typing import Any, Callable, Sequence
 import dask
 import dask.array as da
 import numpy as np
+from dask.base import DaskMethodsMixin
+from dask.delayed import optimize as _optimize_delayed
+from dask.threaded import get as _threaded_get
+from dask.highlevelgraph import HighLevelGraph
 
 from dmlkit._kernels.stats import combine_stats, data_stats
 
 DEFAULT_SPLIT_EVERY = 8
+#: Parameters up to this size travel inside every task; larger ones as one key.
+INLINE_PARAMS_BYTES = 64 * 2**10
 
 
 def check_split_every(split_every: int | None) -> int:
@@ -43,6 +53,74 @@ def check_split_every(split_every: int | None) -> int:
 def _fold_all(combine: Callable, *parts: Any) -> Any:
     """Left fold of ``parts`` with ``combine``: a fixed order, hence reproducible."""
     return _fold(combine, parts)
+
+
+def _fold_results(results: Sequence, combine: Callable) -> Any:
+    return _fold(combine, results)
+
+
+def _nbytes(value: Any) -> int:
+    """Rough size of a parameter structure: its arrays' bytes plus a little per item."""
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values()) + 64 * len(value)
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value) + 64 * len(value)
+    return 64
+
+
+def ship(params: Any) -> Any:
+    """``params`` as a task argument: the value itself when small, else one literal key.
+
+    A small value inside each task costs less than fetching a key from the
+    worker that holds it; a large one is sent to each worker once.
+    """
+    if _nbytes(params) <= INLINE_PARAMS_BYTES:
+        return params
+    return dask.delayed(params, traverse=False, pure=True)
+
+
+class Reduction(DaskMethodsMixin):
+    """The top of a tree reduction: at most ``split_every`` records, combined when computed.
+
+    A dask collection: ``dask.compute`` (or :func:`compute`) computes the
+    records on the cluster, together with anything computed alongside, and
+    folds them left to right with ``combine`` in the calling process.
+    """
+
+    __slots__ = ("parts", "combine", "name")
+
+    def __init__(self, parts: Sequence, combine: Callable, name: str):
+        self.parts = list(parts)
+        self.combine = combine
+        self.name = name
+
+    def __dask_graph__(self):
+        return HighLevelGraph.merge(*[p.__dask_graph__() for p in self.parts])
+
+    @property
+    def dask(self):
+        """The graph of the records (as ``Delayed.dask``)."""
+        return self.__dask_graph__()
+
+    def __dask_keys__(self):
+        return [p.key for p in self.parts]
+
+    def __dask_layers__(self):
+        return tuple(layer for p in self.parts for layer in p.__dask_layers__())
+
+    def __dask_tokenize__(self):
+        return self.name
+
+    def __dask_postcompute__(self):
+        return _fold_results, (self.combine,)
+
+    def __dask_postpersist__(self):
+        raise NotImplementedError("a Reduction is computed, not persisted")
+
+    __dask_optimize__ = staticmethod(_optimize_delayed)
+    __dask_scheduler__ = staticmethod(_threaded_get)
 
 
 def _call(kernel: Callable, X, w, offset: int, params: dict, y=None) -> Any:
@@ -159,8 +237,8 @@ class RowBlocks:
 
     def partials(self, kernel: Callable, params: dict | None = None, name: str = "partial"):
         """The per-block partial results, one ``Delayed`` per row block, in row order."""
-        shipped = dask.delayed(params if params is not None else {}, traverse=False, pure=True)
-        token = dask.base.tokenize(kernel, shipped.key, *self._args)
+        shipped = ship(params if params is not None else {})
+        token = dask.base.tokenize(kernel, shipped, *self._args)
         parts = da.map_blocks(
             _map_block, *self._args, shipped, kernel=kernel, offsets=self.offsets,
             has_w=self.sample_weight is not None,
@@ -179,8 +257,9 @@ class RowBlocks:
     ):
         """Map ``kernel`` over the blocks and tree-reduce with ``combine``.
 
-        Returns a ``dask.delayed.Delayed`` of the combined record; nothing is
-        computed. ``params`` enters the graph once, as one literal key.
+        Returns a :class:`Reduction` of the combined record; nothing is
+        computed. ``params`` travels inside each task when small, else enters
+        the graph once as one literal key (:func:`ship`).
         """
         fan_in = check_split_every(split_every)
         parts, token = self.partials(kernel, params, name)
@@ -188,14 +267,14 @@ class RowBlocks:
         token = dask.base.tokenize(token, combine, fan_in)
         level = 0
         fold = dask.delayed(_fold_all, pure=True)
-        while len(parts) > 1:
+        while len(parts) > fan_in:
             parts = [
                 group[0] if len(group) == 1 else
                 fold(combine, *group, dask_key_name=(f"{name}-combine-{token}", level, i))
                 for i, group in enumerate(parts[j : j + fan_in] for j in range(0, len(parts), fan_in))
             ]
             level += 1
-        return parts[0]
+        return Reduction(parts, combine, f"{name}-reduce-{token}")
 
 
 def _transform_block(block, transform, offsets, params, block_id=None):

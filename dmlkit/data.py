@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import dask
 import dask.array as da
+from dask.highlevelgraph import HighLevelGraph
 import numpy as np
 
 #: Target bytes per row block when a NumPy array is wrapped as a dask array.
@@ -23,7 +24,9 @@ DEFAULT_CHUNK_BYTES = 16 * 2**20
 #: Largest block of a cached (persisted) copy of X.
 CACHE_BLOCK_BYTES = 256 * 2**20
 #: Cached copies are re-blocked to about this many blocks per worker thread.
-CACHE_BLOCKS_PER_THREAD = 2
+CACHE_BLOCKS_PER_THREAD = 1
+#: Seconds to wait for a worker when caching on a cluster that has none at the moment.
+WAIT_FOR_WORKERS_S = 60
 
 
 class ChunkingWarning(UserWarning):
@@ -237,11 +240,14 @@ def check_sample_weight(sample_weight: Any, X: da.Array) -> da.Array | None:
 
 
 def _client():
+    """The distributed client that computes, or None (no client, or another scheduler set)."""
     try:
         from distributed import default_client
-        return default_client()
+        client = default_client()
     except (ImportError, ValueError):
         return None
+    # a scheduler chosen in dask's config (say "sync") computes instead of the client
+    return client if dask.base.get_scheduler() == client.get else None
 
 
 def _total_threads() -> int:
@@ -258,16 +264,17 @@ def cache_block_rows(X: da.Array, threads: int) -> int:
     """Rows per block of a cached copy of ``X``.
 
     About :data:`CACHE_BLOCKS_PER_THREAD` blocks per worker thread, at most
-    :data:`CACHE_BLOCK_BYTES` each, and always a whole number of ``X``'s own
-    chunks (never smaller than they are). Fewer, larger blocks mean fewer tasks
-    per pass: each task costs the scheduler a round trip.
+    :data:`CACHE_BLOCK_BYTES` each (unless one of ``X``'s chunks is larger),
+    and always a whole number of ``X``'s own chunks. Fewer, larger blocks mean
+    fewer tasks per pass: each task costs the scheduler a round trip.
     """
     n = X.shape[0]
-    row_bytes = X.dtype.itemsize * X.shape[1]
+    row_bytes = max(1, X.dtype.itemsize * X.shape[1])
     base = max(X.chunks[0])
-    rows = min(-(-n // (CACHE_BLOCKS_PER_THREAD * max(threads, 1))),
-               max(1, CACHE_BLOCK_BYTES // row_bytes))
-    return max(base, rows // base * base)
+    share = -(-n // (CACHE_BLOCKS_PER_THREAD * max(threads, 1)))
+    rows = -(-share // base) * base  # whole chunks, rounded up: no small tail block
+    cap = max(base, CACHE_BLOCK_BYTES // row_bytes // base * base)
+    return min(rows, cap)
 
 
 def memory_budget() -> int:
@@ -296,9 +303,11 @@ def cache(
     distributed client is active) and persists lazy inputs when they take at
     most half of the cluster's memory (:func:`memory_budget`); otherwise every
     pass streams the data from its store. ``True`` always persists, ``False``
-    never does. A persisted copy is re-blocked along rows into a few large
-    blocks per worker thread (:func:`cache_block_rows`); results then differ
-    from a streamed fit only by floating point rounding.
+    never does. A persisted copy is re-blocked along rows into about one large
+    block per worker thread (:func:`cache_block_rows`); results then differ
+    from a streamed fit only by floating point rounding. On a distributed
+    cluster the blocks are spread evenly over the workers, each next to its
+    rows of ``y`` and the weights (:func:`persist_placed`).
 
     ``block_rows`` fixes the blocks instead, cached or not: every block but the
     last has exactly ``block_rows`` rows, whatever the input's chunking
@@ -323,27 +332,81 @@ def cache(
     if block > max(X.chunks[0]):
         X = X.rechunk({0: block})
         rows = tuple(None if v is None else v.rechunk({0: block}) for v in rows)
+    client = _client()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*large graph.*")
-        X, *rows = dask.persist(X, *rows)
+        if client is None:
+            X, *rows = dask.persist(X, *rows)
+        else:
+            X, *rows = persist_placed([X, *rows], client)
     return X, tuple(rows), True
+
+
+def block_workers(n_blocks: int, client) -> list[str]:
+    """The worker that holds each of ``n_blocks`` row blocks: contiguous runs, balanced by threads.
+
+    Worker ``j`` with ``t_j`` threads gets about ``n_blocks * t_j / sum(t)``
+    consecutive blocks, so every thread has the same number of rows to work
+    on and neighbouring blocks (combined first by the tree) share a worker.
+    """
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    if not workers:  # between a worker's restart and its return, say
+        client.wait_for_workers(1, timeout=WAIT_FOR_WORKERS_S)
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+    slots = [addr for addr in sorted(workers) for _ in range(max(1, workers[addr].get("nthreads", 1)))]
+    return [slots[i * len(slots) // n_blocks] for i in range(n_blocks)]
+
+
+def persist_placed(arrays: Sequence[da.Array | None], client) -> list[da.Array | None]:
+    """Persist row-aligned arrays on a distributed cluster, placing the blocks.
+
+    Block ``i`` of every array is computed and kept on the same worker
+    (:func:`block_workers`): a pass over ``X`` then runs the same number of
+    rows on every thread, and a kernel that also reads ``y`` or the weights
+    finds them next to ``X``'s block instead of fetching them from another
+    worker. The placement is a preference: if a worker dies, its blocks are
+    recomputed from the source on another one. Blocks are read where they
+    are kept, so loading moves no data between workers either.
+    """
+    from dask.delayed import Delayed
+
+    live = [a for a in arrays if a is not None]
+    n_blocks = live[0].numblocks[0]
+    keys = [[(a.name, i) + (0,) * (a.ndim - 1) for a in live] for i in range(n_blocks)]
+    per_block = []
+    for i, addr in enumerate(block_workers(n_blocks, client)):
+        # the block keeps its key in X's graph, so later tasks read it directly
+        blocks = [Delayed(key, a.__dask_graph__(), layer=a.name) for key, a in zip(keys[i], live)]
+        per_block.append(client.persist(blocks, workers=[addr], allow_other_workers=True))
+    from distributed import futures_of
+
+    out = []
+    for j, a in enumerate(live):
+        layer = {keys[i][j]: futures_of(per_block[i][j])[0] for i in range(n_blocks)}
+        graph = HighLevelGraph.from_collections(a.name, layer, dependencies=())
+        out.append(da.Array(graph, a.name, a.chunks, dtype=a.dtype, meta=a._meta))
+    it = iter(out)
+    return [None if a is None else next(it) for a in arrays]
 
 
 def check_stats(stats, row_chunks: tuple, weighted: bool, supervised: bool = False) -> None:
     """Raise a clear error for what the first pass found in the values.
 
-    ``stats`` is a reduced :class:`dmlkit._kernels.stats.DataStats`.
+    ``stats`` is a reduced :class:`dmlkit._kernels.stats.DataStats`;
+    ``row_chunks`` is the chunking of the data as given (not of a re-blocked
+    cached copy), so the error names the user's chunk.
     """
     if stats.bad_rows:
         starts = np.concatenate([[0], np.cumsum(row_chunks)])
-        first, n = stats.bad_rows[0]
+        first = min(f for f, _ in stats.bad_rows)
+        total = sum(n for _, n in stats.bad_rows)
         chunk = int(np.searchsorted(starts, first, side="right") - 1)
         names = ["X"] + ["y"] * supervised + ["sample_weight"] * weighted
         what = " or ".join([", ".join(names[:-1]), names[-1]]) if len(names) > 1 else "X"
-        more = f" and {len(stats.bad_rows) - 1} more chunk(s)" if len(stats.bad_rows) > 1 else ""
+        more = f" and {total - 1} more row(s)" if total > 1 else ""
         raise ValueError(
-            f"{what} contains NaN or inf in chunk {chunk} (rows {first} to {first + n - 1})"
-            f"{more}; clean or impute the data first"
+            f"{what} contains NaN or inf in chunk {chunk} (rows {starts[chunk]} to "
+            f"{starts[chunk + 1] - 1}) at row {first}{more}; clean or impute the data first"
         )
     if weighted and stats.weight_min < 0:
         raise ValueError(f"sample_weight should be >= 0; its minimum is {stats.weight_min}")

@@ -94,9 +94,9 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
     cache : {"auto", True, False}, default="auto"
         "auto" persists ``X`` in the cluster's memory when it takes at most
         half of it and streams it from its store on every pass otherwise.
-        The cached copy is re-blocked into about two blocks per worker thread
-        (whole chunks of ``X``), which cuts the tasks, and so the scheduler's
-        overhead, of every pass.
+        The cached copy is re-blocked into about one block per worker thread
+        (whole chunks of ``X``), spread evenly over the workers, which cuts
+        the tasks, and so the scheduler's overhead, of every pass.
     progress : bool, default=False
         Show a progress bar (terminal or notebook) with the current inertia.
 
@@ -239,7 +239,7 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         blocks = _graph.RowBlocks(Xd, w)
         passes = _graph.Passes(
             blocks, self.split_every,
-            check=lambda s: data.check_stats(s, blocks.row_chunks, w is not None))
+            check=lambda s: data.check_stats(s, X_in.chunks[0], w is not None))
         best = None
         for run in range(n_init):
             result = self._fit_single(passes, seed, run, init_array)

@@ -24,6 +24,9 @@ from dmlkit._progress import progress_bar
 _SOLVERS = ("auto", "lbfgs", "newton", "gd", "fista")
 #: "auto" picks Newton up to this many parameters (its Hessian is p x p).
 NEWTON_MAX_PARAMS = 1000
+#: Once the gradient's largest entry is this small, passes compute ``z`` in float64
+#: (``glm_partial(precise=True)``), so that line searches still see the loss decrease.
+PRECISE_BELOW = 1e-3
 
 
 def _labels_to_index(y, classes):
@@ -189,16 +192,22 @@ class _LinearModel(BaseEstimator):
                                **dict(common, family="squared")}, name="gram")
             return part.hess / part.weight, time.perf_counter() - t0
 
+        precise = {"on": False}
+
         def evaluate(theta, hessian=False):
             t0 = time.perf_counter()
             part = passes.run(glm_partial, combine_glm,
-                              {"theta": theta, "hessian": hessian, **common},
+                              {"theta": theta, "hessian": hessian, "precise": precise["on"],
+                               **common},
                               name=f"{family}-{'newton' if hessian else 'grad'}")
             scale = 1.0 / part.weight
             self._fista_setup = {"weight": part.weight, "lam": lam, "lam1": lam1, "mask": mask,
                                  "gram": gram}
             f = (part.loss + 0.5 * lam * float(theta @ (mask * theta))) * scale
             g = (part.grad + lam * mask * theta) * scale
+            # near the optimum the float32 rounding of z hides the loss's decrease: from
+            # here on, every pass computes z in float64 (see glm_partial's `precise`)
+            precise["on"] = precise["on"] or float(np.abs(g).max()) <= PRECISE_BELOW
             H = None if part.hess is None else (part.hess + lam * np.diag(mask)) * scale
             return f, g, H, time.perf_counter() - t0
 
@@ -391,7 +400,7 @@ class _LinearModel(BaseEstimator):
         Xd, (yd, wd), _ = data.cache(X_in, [y_fit, w_fit], self.cache, source)
         blocks = _graph.RowBlocks(Xd, wd, yd)
         passes = _graph.Passes(blocks, self.split_every, check=lambda s: data.check_stats(
-            s, blocks.row_chunks, wd is not None, supervised=True))
+            s, X_in.chunks[0], wd is not None, supervised=True))
         return self._solve(passes, X_in.shape[1], n_classes)
 
 

@@ -153,7 +153,7 @@ class _NeighborsBase(BaseEstimator):
             Xd, (yd,), _ = data.cache(X_in, [y_in], self.cache, X)
             blocks = _graph.RowBlocks(Xd, None, yd)
             passes = _graph.Passes(blocks, self.split_every, check=lambda s: data.check_stats(
-                s, blocks.row_chunks, False, supervised=yd is not None))
+                s, X_in.chunks[0], False, supervised=yd is not None))
             passes.run(K.count_rows, K.add, {}, name="knn-fit")  # validates the values
             self._fit_X, self._fit_y = Xd, yd
         self._fit_lazy = data.is_lazy(X)

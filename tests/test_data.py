@@ -100,7 +100,9 @@ def test_open_zarr_errors(tmp_path):
 
 def test_cached_copy_is_reblocked_into_whole_chunks():
     X = da.zeros((1000, 4), chunks=(30, 4))
-    assert data.cache_block_rows(X, threads=2) == 240  # 4 blocks of 8 chunks
+    assert data.CACHE_BLOCKS_PER_THREAD == 1
+    assert data.cache_block_rows(X, threads=2) == 510  # 2 blocks of 17 and 16 chunks
+    assert data.cache_block_rows(X, threads=4) == 270  # 4 blocks, the last of 190 rows
     assert data.cache_block_rows(X, threads=1000) == 30  # never below a chunk
     big = da.zeros((10**8, 32), chunks=(10**5, 32), dtype="f4")
     rows = data.cache_block_rows(big, threads=2)

@@ -6,6 +6,7 @@ import signal
 import threading
 
 import dask
+import dask.array as da
 import numpy as np
 import pytest
 from distributed import Client, LocalCluster
@@ -154,3 +155,23 @@ def test_sgd_on_the_cluster_equals_the_sync_fit(client, store, mode):
     assert_array_equal(ours.coef_, ref.coef_)
     assert_array_equal(ours.intercept_, ref.intercept_)
     assert ours.t_ == ref.t_
+
+
+def test_cached_blocks_are_spread_evenly_next_to_their_rows(client, store):
+    from distributed import futures_of, wait
+
+    from dmlkit import data
+
+    X, path = store
+    Xd = data.as_matrix(path)
+    yd = da.arange(X.shape[0], chunks=Xd.chunks[0]).astype(np.float64)
+    Xc, (yc, none), cached = data.cache(Xd, [yd, None], True, path)
+    assert cached and none is None and Xc.numblocks[0] == 2  # one block per worker thread
+    wait(futures_of(Xc) + futures_of(yc))
+    holders = client.who_has(futures_of(Xc) + futures_of(yc))
+    x_at = [holders[(Xc.name, i, 0)] for i in range(Xc.numblocks[0])]
+    y_at = [holders[(yc.name, i)] for i in range(yc.numblocks[0])]
+    assert x_at == y_at  # y's block lives with X's
+    assert {w for (w,) in x_at} == set(client.scheduler_info()["workers"])
+    assert_array_equal(Xc.compute(), X)
+    assert_array_equal(yc.compute(), np.arange(X.shape[0]))

@@ -44,27 +44,39 @@ def test_tree_depth_follows_split_every():
     Xd = da.from_array(np.zeros((64, 1)), chunks=(1, 1))
     out = _graph.RowBlocks(Xd).reduce(_sum_rows, add, {}, 4)
     levels = [k[1] for k in out.dask if isinstance(k, tuple) and "-combine-" in k[0]]
-    assert sorted(set(levels)) == [0, 1, 2]  # 64 -> 16 -> 4 -> 1
-    assert len(levels) == 16 + 4 + 1
+    # 64 -> 16 -> 4 as tasks; the last combine (4 -> 1) runs where it is computed
+    assert sorted(set(levels)) == [0, 1]
+    assert len(levels) == 16 + 4
+    assert len(out.__dask_keys__()) == 4
 
 
 def test_single_input_groups_get_no_task():
     Xd = da.from_array(np.zeros((10, 1)), chunks=(1, 1))
     out = _graph.RowBlocks(Xd).reduce(_sum_rows, add, {}, 3)
     combines = [k for k in out.dask if isinstance(k, tuple) and "-combine-" in k[0]]
-    assert len(combines) == 3 + 1 + 1  # 10 -> 3 tasks + 1 passed up -> 1 + 1 -> 1
+    assert len(combines) == 3 + 1  # 10 -> 3 tasks + 1 passed up -> 1 + 1 passed up
+    assert len(out.__dask_keys__()) == 2
+
+
+def test_few_blocks_need_no_combine_task():
+    Xd = da.from_array(np.arange(8.0)[:, None], chunks=(1, 1))
+    out = _graph.RowBlocks(Xd).reduce(_offsets, _concat, {}, 8)
+    assert not [k for k in out.dask if isinstance(k, tuple) and "-combine-" in k[0]]
+    (res,) = _graph.compute(out)
+    assert res == [(i, 1) for i in range(8)]  # folded in block order
 
 
 def test_trees_of_different_shape_have_different_keys():
     Xd = da.from_array(np.zeros((20, 1)), chunks=(1, 1))
     blocks = _graph.RowBlocks(Xd)
-    keys = {blocks.reduce(_sum_rows, add, {}, s).key for s in (2, 3, 4)}
-    keys.add(blocks.reduce(_sum_rows, _concat, {}, 2).key)
+    keys = {dask.base.tokenize(blocks.reduce(_sum_rows, add, {}, s)) for s in (2, 3, 4)}
+    keys.add(dask.base.tokenize(blocks.reduce(_sum_rows, _concat, {}, 2)))
     assert len(keys) == 4
 
 
-def test_parameters_enter_the_graph_once():
+def test_large_parameters_enter_the_graph_once():
     big = np.ones(10_000)
+    assert big.nbytes > _graph.INLINE_PARAMS_BYTES
     Xd = da.from_array(np.zeros((100, 1)), chunks=(10, 1))
     out = _graph.RowBlocks(Xd).reduce(_sum_rows, add, {"scale": 1.0, "payload": big}, 2)
     dsk = dict(out.dask)
@@ -75,12 +87,21 @@ def test_parameters_enter_the_graph_once():
     assert all(holders[0] in dask.core.get_dependencies(dsk, k) for k in maps)
 
 
+def test_small_parameters_travel_inside_tasks():
+    Xd = da.from_array(np.ones((100, 2)), chunks=(10, 2))
+    out = _graph.RowBlocks(Xd).reduce(_sum_rows, add, {"scale": np.float64(3.0)}, 2)
+    dsk = dict(out.dask)
+    assert not [k for k in dsk if isinstance(k, str) and k.startswith("dict-")]
+    (res,) = _graph.compute(out)
+    assert_allclose(res, [300.0, 300.0])
+
+
 def test_same_graph_keys_for_same_inputs():
     Xd = da.from_array(np.zeros((100, 1)), chunks=(10, 1))
     a = _graph.RowBlocks(Xd).reduce(_sum_rows, add, {"scale": 1.0})
     b = _graph.RowBlocks(Xd).reduce(_sum_rows, add, {"scale": 1.0})
     c = _graph.RowBlocks(Xd).reduce(_sum_rows, add, {"scale": 2.0})
-    assert a.key == b.key != c.key
+    assert a.__dask_keys__() == b.__dask_keys__() != c.__dask_keys__()
 
 
 def test_sample_weight_blocks_follow_rows():

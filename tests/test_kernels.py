@@ -52,11 +52,13 @@ def test_stats_combine_matches_numpy(cuts):
     assert s.bad_rows == ()
 
 
-def test_stats_report_bad_blocks():
+def test_stats_report_the_first_bad_row_of_each_bad_block():
     X = np.ones((10, 2))
-    X[7, 1] = np.nan
-    s = combine_stats(data_stats(X[:5], None, 0), data_stats(X[5:], None, 5))
-    assert s.bad_rows == ((5, 5),)
+    X[7, 1] = X[9, 0] = np.nan
+    y = np.ones(10)
+    y[2] = np.inf
+    s = combine_stats(data_stats(X[:5], None, 0, y[:5]), data_stats(X[5:], None, 5, y[5:]))
+    assert s.bad_rows == ((2, 1), (7, 2))
 
 
 # ------------------------------------------------------------------- Lloyd

@@ -240,7 +240,7 @@ def test_progress_bar_runs(blobs, capsys):
 def test_non_finite_values_name_the_chunk(blobs, bad, where):
     X = blobs[0].copy()
     X[12_345, 2] = bad
-    with pytest.raises(ValueError, match=r"NaN or inf in chunk 4 \(rows 12000 to 14999\)"):
+    with pytest.raises(ValueError, match=r"NaN or inf in chunk 4 \(rows 12000 to 14999\) at row 12345;"):
         KMeans(6, random_state=0).fit(da.from_array(X, chunks=3000))
     with pytest.raises(ValueError, match="NaN or inf in chunk 4"):
         KMeans(6, init=X[:6].astype(float) * 0).fit(da.from_array(X, chunks=3000))

@@ -165,6 +165,38 @@ def test_glm_kernel_gradient_matches_finite_differences():
     assert_allclose(g, num, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("family, n_classes", [("binomial", 2), ("multinomial", 3)])
+def test_precise_kernel_loss_is_the_float64_loss_of_float32_rows(family, n_classes):
+    rng = np.random.default_rng(2)
+    X = (rng.standard_normal((5000, 8)) * 3).astype(np.float32)
+    y = rng.integers(0, n_classes, 5000)
+    p = (n_classes if family == "multinomial" else 1) * 9
+    theta = rng.standard_normal(p) * 0.3
+    kw = dict(y=y, family=family, fit_intercept=True, n_classes=n_classes)
+    exact = glm_partial(X.astype(np.float64), None, 0, theta=theta, **kw).loss
+    precise = glm_partial(X, None, 0, theta=theta, precise=True, **kw).loss
+    fast = glm_partial(X, None, 0, theta=theta, **kw).loss
+    assert abs(precise - exact) <= 1e-12 * abs(exact)
+    assert abs(fast - exact) <= 1e-5 * abs(exact)  # float32 products: close, not exact
+    # a step far below float32 resolution still moves the precise loss the right way
+    g = glm_partial(X, None, 0, theta=theta, precise=True, **kw).grad
+    step = theta - 1e-9 * g / np.abs(g).max()
+    assert glm_partial(X, None, 0, theta=step, precise=True, **kw).loss < precise
+
+
+def test_multinomial_on_float32_data_converges_to_the_default_tol(tmp_path):
+    from dmlkit.datasets import make_classification
+
+    path = str(tmp_path / "c4.zarr")
+    make_classification(path, 20_000, 16, n_classes=4, class_sep=0.5, chunk_rows=2000,
+                        random_state=0)
+    for chunks in (2000, 10_000):  # different blockings round differently
+        X = da.from_zarr(path, component="X").rechunk((chunks, 16))
+        y = da.from_zarr(path, component="y").rechunk(chunks)
+        m = LogisticRegression().fit(X, y)
+        assert m.converged_ and m.history_[-1]["grad_norm"] <= m.tol
+
+
 # ----------------------------------------------------------------- bad input
 def test_single_class():
     with pytest.raises(ValueError, match=r"y has a single class \(\[1\]\)"):

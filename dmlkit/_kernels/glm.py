@@ -155,7 +155,7 @@ def pointwise(Z: np.ndarray, y: np.ndarray, w: np.ndarray, family: str, epsilon:
 def glm_partial(
     X: np.ndarray, w: np.ndarray | None, offset: int, *, y: np.ndarray, theta: np.ndarray,
     family: str, fit_intercept: bool, n_classes: int = 2, hessian: bool = False,
-    epsilon: float = 1.35,
+    epsilon: float = 1.35, precise: bool = False,
 ) -> GLMPartial:
     """Weighted sums of pointwise loss, gradient and optionally Hessian over a block.
 
@@ -178,6 +178,12 @@ def glm_partial(
         Also return the Hessian sum (one-column smooth families only).
     epsilon : float, default=1.35
         Huber's threshold.
+    precise : bool, default=False
+        Compute ``z`` in float64 for float32 ``X`` (slower). By default ``z``
+        is a float32 product, whose rounding makes the loss jump by about
+        1e-7 of its value as ``theta`` moves: close to the optimum, where
+        steps lower the loss by less than that, a line search needs
+        ``precise=True`` to see the decrease.
     """
     if family not in FAMILIES:
         raise ValueError(f"family={family!r} should be one of {FAMILIES}")
@@ -196,7 +202,8 @@ def glm_partial(
     # sub-blocks: float32 products are flushed into float64 sums every few thousand rows
     for s in range(0, n, SUB_BLOCK_ROWS):
         Xb, wb, yb = X[s : s + SUB_BLOCK_ROWS], wf[s : s + SUB_BLOCK_ROWS], y[s : s + SUB_BLOCK_ROWS]
-        Z = (Xb @ coef_t).astype(np.float64) + intercept  # (rows, k)
+        Z = (Xb.astype(np.float64) @ coef.T if precise else
+             (Xb @ coef_t).astype(np.float64)) + intercept  # (rows, k)
         part, D, curvature = pointwise(Z, yb, wb, family, epsilon)
         loss += part
         g_coef += D.T.astype(X.dtype) @ Xb

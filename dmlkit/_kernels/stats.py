@@ -25,7 +25,9 @@ class DataStats(NamedTuple):
     weighted_sq_norm : float
         ``sum_i w_i ||x_i||^2``.
     bad_rows : tuple of (int, int)
-        ``(first_row, n_rows)`` of each block holding NaN or inf.
+        ``(first_bad_row, n_bad_rows)`` of each block holding NaN or inf:
+        the global index of its first row with a non-finite value and how
+        many of its rows have one.
     """
 
     n_rows: int
@@ -50,9 +52,14 @@ def data_stats(X: np.ndarray, w: np.ndarray | None, offset: int,
             finite = finite and bool(np.isfinite(v).all())
     if not finite or n == 0:
         d = X.shape[1]
-        return DataStats(
-            n, 0.0, np.inf, np.zeros(d), np.zeros(d), 0.0, ((offset, n),) if not finite else ()
-        )
+        bad = ()
+        if not finite:  # rare: find the rows
+            rows = ~np.isfinite(X).all(axis=1) if X.dtype.kind == "f" else np.zeros(n, bool)
+            for v in (w, y):
+                if v is not None and v.dtype.kind == "f":
+                    rows |= ~np.isfinite(v)
+            bad = ((offset + int(np.argmax(rows)), int(rows.sum())),)
+        return DataStats(n, 0.0, np.inf, np.zeros(d), np.zeros(d), 0.0, bad)
     col_sum = X.sum(axis=0, dtype=np.float64)
     mean = col_sum / n
     col_m2 = ((X - mean) ** 2).sum(axis=0, dtype=np.float64)
