@@ -158,12 +158,24 @@ def fuse(*pairs: tuple[Callable, Callable]) -> tuple[Callable, Callable]:
     return _Fused([p[0] for p in pairs]), _FusedCombine([p[1] for p in pairs])
 
 
+def aligned(a):
+    """``a``, or an aligned copy of it where its data are not aligned to its item size.
+
+    Arrays received from another worker can be views at any byte offset of
+    the message that carried them; NumPy runs ufuncs on unaligned data
+    through a slow buffered path (about 10x slower here).
+    """
+    if isinstance(a, np.ndarray) and not a.flags.aligned:
+        return np.array(a, order="C")
+    return a
+
+
 def _map_block(x, *rest, kernel, offsets, has_w, block_id=None):
     """Blockwise body: ``kernel(X_block, w_block, offset, [y=y_block,] **params)``."""
-    params, columns = rest[-1], list(rest[:-1])
+    params, columns = rest[-1], [aligned(c) for c in rest[:-1]]
     w = columns.pop(0)[:, 0] if has_w else None
     y = columns.pop(0)[:, 0] if columns else None
-    return _call(kernel, x, w, int(offsets[block_id[0]]), params, y)
+    return _call(kernel, aligned(x), w, int(offsets[block_id[0]]), params, y)
 
 
 class RowBlocks:
@@ -336,8 +348,9 @@ def compute(*results):
 
 def _tile_block(x, offset, *rest, kernel, n_queries, row_names):
     """Blockwise body of :func:`tiles`: one (data block, query block) pair."""
-    params = rest[-1]
-    queries, row_blocks = rest[:n_queries], rest[n_queries:-1]
+    params, x = rest[-1], aligned(x)
+    queries = [aligned(q) for q in rest[:n_queries]]
+    row_blocks = [aligned(r) for r in rest[n_queries:-1]]
     rows = dict(zip(row_names, row_blocks))
     return kernel(x, int(offset[0]), *queries, **rows, **params)
 

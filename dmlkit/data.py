@@ -366,27 +366,48 @@ def persist_placed(arrays: Sequence[da.Array | None], client) -> list[da.Array |
     finds them next to ``X``'s block instead of fetching them from another
     worker. The placement is a preference: if a worker dies, its blocks are
     recomputed from the source on another one. Blocks are read where they
-    are kept, so loading moves no data between workers either.
+    are kept, so loading moves no data between workers either. An array
+    already persisted (by the caller, wherever the scheduler put it) is
+    referenced under new keys on the chosen workers: a block that sits
+    elsewhere is copied there once.
     """
     from dask.delayed import Delayed
+    from distributed import futures_of
 
     live = [a for a in arrays if a is not None]
     n_blocks = live[0].numblocks[0]
-    keys = [[(a.name, i) + (0,) * (a.ndim - 1) for a in live] for i in range(n_blocks)]
-    per_block = []
-    for i, addr in enumerate(block_workers(n_blocks, client)):
-        # the block keeps its key in X's graph, so later tasks read it directly
-        blocks = [Delayed(key, a.__dask_graph__(), layer=a.name) for key, a in zip(keys[i], live)]
-        per_block.append(client.persist(blocks, workers=[addr], allow_other_workers=True))
-    from distributed import futures_of
-
+    where = block_workers(n_blocks, client)
+    names, sources = [], []
+    for a in live:
+        keys = [(a.name, i) + (0,) * (a.ndim - 1) for i in range(n_blocks)]
+        held = {f.key: f for f in futures_of(a)}
+        if all(key in held for key in keys):  # already in the cluster's memory
+            name = f"placed-{dask.base.tokenize(a.name, where)}"
+            same = dask.delayed(_same_block, pure=True)
+            sources.append([same(held[key], dask_key_name=(name,) + key[1:]) for key in keys])
+        else:  # the block keeps its key in the array's graph
+            name = a.name
+            sources.append([Delayed(key, a.__dask_graph__(), layer=a.name) for key in keys])
+        names.append(name)
+    per_block = [client.persist([s[i] for s in sources], workers=[addr], allow_other_workers=True)
+                 for i, addr in enumerate(where)]
     out = []
-    for j, a in enumerate(live):
-        layer = {keys[i][j]: futures_of(per_block[i][j])[0] for i in range(n_blocks)}
-        graph = HighLevelGraph.from_collections(a.name, layer, dependencies=())
-        out.append(da.Array(graph, a.name, a.chunks, dtype=a.dtype, meta=a._meta))
+    for j, (a, name) in enumerate(zip(live, names)):
+        layer = {}
+        for i in range(n_blocks):
+            (future,) = futures_of(per_block[i][j])
+            layer[future.key] = future
+        graph = HighLevelGraph.from_collections(name, layer, dependencies=())
+        out.append(da.Array(graph, name, a.chunks, dtype=a.dtype, meta=a._meta))
     it = iter(out)
     return [None if a is None else next(it) for a in arrays]
+
+
+def _same_block(block):
+    """The block itself, aligned (a block copied from another worker may not be)."""
+    from dmlkit._graph import aligned
+
+    return aligned(block)
 
 
 def check_stats(stats, row_chunks: tuple, weighted: bool, supervised: bool = False) -> None:

@@ -32,6 +32,7 @@ import time
 import warnings
 from typing import Any
 
+import dask
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.exceptions import ConvergenceWarning
@@ -54,6 +55,13 @@ from dmlkit.linear_model import (
 CURVATURE_SAMPLE_ROWS = 8192
 _MODES = ("local", "sync")
 _PENALTIES = ("l2", "l1", "elasticnet", None)
+
+
+def _curvature_sample(X: np.ndarray, offset: int, seed: int, row_base: int,
+                      shuffle: bool) -> np.ndarray:
+    """The first :data:`CURVATURE_SAMPLE_ROWS` rows of a shard in its first epoch's order."""
+    order = kernels.shard_permutation(X.shape[0], seed, 0, row_base + offset, shuffle)
+    return _graph.aligned(X)[order[:CURVATURE_SAMPLE_ROWS]]
 
 
 def _curvature_bound(X: np.ndarray, family: str, fit_intercept: bool) -> float:
@@ -153,11 +161,11 @@ class _BaseSGD(BaseEstimator):
         # 1 / (a bound on the curvature) from the first rows of the first shard visited
         first = int(kernels.shard_order(blocks.n_blocks, self._seed, 0, self.shuffle,
                                         self._rows_seen)[0])
-        sample = blocks.X.blocks[first]
+        # on the worker that holds the shard: only the sample's rows travel
+        sample = dask.delayed(_curvature_sample, pure=True)(
+            blocks.X.blocks[first], int(blocks.offsets[first]), self._seed, self._rows_seen,
+            self.shuffle)
         Xs, = _graph.compute(sample)
-        Xs = kernels.permute_rows(Xs, int(blocks.offsets[first]), seed=self._seed, pass_index=0,
-                                  row_base=self._rows_seen,
-                                  shuffle=self.shuffle)[:CURVATURE_SAMPLE_ROWS]
         finite = np.isfinite(Xs).all(axis=1)
         return 1.0 / _curvature_bound(Xs[finite], self._family, self.fit_intercept)
 

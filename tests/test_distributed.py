@@ -175,3 +175,26 @@ def test_cached_blocks_are_spread_evenly_next_to_their_rows(client, store):
     assert {w for (w,) in x_at} == set(client.scheduler_info()["workers"])
     assert_array_equal(Xc.compute(), X)
     assert_array_equal(yc.compute(), np.arange(X.shape[0]))
+
+
+def test_arrays_persisted_elsewhere_are_placed_too(client, store):
+    from distributed import futures_of, wait
+
+    from dmlkit import data
+
+    X, _ = store
+    Xd = da.from_array(X, chunks=(15_000, 4))
+    yd = da.arange(X.shape[0], chunks=15_000).astype(np.float64)
+    workers = sorted(client.scheduler_info()["workers"])
+    # both of X's blocks on one worker, y's on the other
+    Xp = client.persist(Xd, workers=workers[:1])
+    yp = client.persist(yd, workers=workers[1:])
+    wait([Xp, yp])
+    Xc, (yc,), _ = data.cache(Xp, [yp], True, Xp)
+    wait(futures_of(Xc) + futures_of(yc))
+    holders = client.who_has(futures_of(Xc) + futures_of(yc))
+    x_at = [holders[(Xc.name, i, 0)] for i in range(2)]
+    assert x_at == [holders[(yc.name, i)] for i in range(2)]
+    assert sorted(w for (w,) in x_at) == workers
+    assert_array_equal(Xc.compute(), X)
+    assert_array_equal(yc.compute(), np.arange(X.shape[0]))

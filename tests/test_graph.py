@@ -141,3 +141,25 @@ def test_split_every_validation():
     for bad in (1, 0, 2.5, True, "4"):
         with pytest.raises(ValueError, match="split_every"):
             _graph.check_split_every(bad)
+
+
+def test_unaligned_blocks_are_aligned_before_the_kernel():
+    # a block received from another worker can start at any byte of the message
+    raw = bytearray(1 + 40 * 4)
+    X = np.frombuffer(raw, dtype=np.float32, offset=1).reshape(20, 2)
+    X[:] = np.arange(40, dtype=np.float32).reshape(20, 2)
+    assert not X.flags.aligned
+    seen = []
+
+    def kernel(Xb, w, offset):
+        seen.append(Xb.flags.aligned)
+        return Xb.sum(axis=0, dtype=np.float64)
+
+    fixed = _graph.aligned(X)
+    assert fixed.flags.aligned and fixed.flags.c_contiguous
+    assert_array_equal(fixed, X)
+    assert _graph.aligned(fixed) is fixed  # aligned arrays pass through
+    out = _graph._map_block(X, {}, kernel=kernel, offsets=np.array([0]), has_w=False,
+                            block_id=(0, 0))
+    assert seen == [True]
+    assert_allclose(out, X.astype(np.float64).sum(0))
