@@ -59,6 +59,38 @@ def _fold_results(results: Sequence, combine: Callable) -> Any:
     return _fold(combine, results)
 
 
+def tree_fold(parts: Sequence, combine: Callable, fan_in: int) -> Any:
+    """Fold ``parts`` by the tree of :meth:`RowBlocks.reduce`, in one process.
+
+    Groups of ``fan_in`` consecutive records are left-folded level by level
+    (a group of one passes up unchanged) until at most ``fan_in`` remain,
+    which are left-folded: the same operations in the same order as the
+    tree's tasks and root, hence the same bits.
+    """
+    parts = list(parts)
+    while len(parts) > fan_in:
+        parts = [group[0] if len(group) == 1 else _fold(combine, group)
+                 for group in (parts[j : j + fan_in] for j in range(0, len(parts), fan_in))]
+    return _fold(combine, parts)
+
+
+def _fold_groups(results: Sequence, combine: Callable, fan_in: int) -> Any:
+    return tree_fold([part for group in results for part in group], combine, fan_in)
+
+
+def groups_of(slots: Sequence | None) -> list[list[int]] | None:
+    """Runs of consecutive blocks held by the same worker thread, or None when every run is one block."""
+    if not slots:
+        return None
+    groups: list[list[int]] = []
+    for i, slot in enumerate(slots):
+        if groups and slots[groups[-1][0]] == slot:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups if len(groups) < len(slots) else None
+
+
 def _nbytes(value: Any) -> int:
     """Rough size of a parameter structure: its arrays' bytes plus a little per item."""
     if isinstance(value, np.ndarray):
@@ -89,12 +121,14 @@ class Reduction(DaskMethodsMixin):
     folds them left to right with ``combine`` in the calling process.
     """
 
-    __slots__ = ("parts", "combine", "name")
+    __slots__ = ("parts", "combine", "name", "fan_in")
 
-    def __init__(self, parts: Sequence, combine: Callable, name: str):
+    def __init__(self, parts: Sequence, combine: Callable, name: str, fan_in: int | None = None):
         self.parts = list(parts)
         self.combine = combine
         self.name = name
+        #: set when each part is a group's tuple of per-block records, all folded here
+        self.fan_in = fan_in
 
     def __dask_graph__(self):
         return HighLevelGraph.merge(*[p.__dask_graph__() for p in self.parts])
@@ -114,6 +148,8 @@ class Reduction(DaskMethodsMixin):
         return self.name
 
     def __dask_postcompute__(self):
+        if self.fan_in is not None:
+            return _fold_groups, (self.combine, self.fan_in)
         return _fold_results, (self.combine,)
 
     def __dask_postpersist__(self):
@@ -170,6 +206,17 @@ def aligned(a):
     return a
 
 
+def _map_group(kernel: Callable, params: dict, offsets: Sequence[int], xs: Sequence,
+               ws: Sequence | None, ys: Sequence | None) -> tuple:
+    """The kernel on each block of a group (blocks held by one worker thread), in order."""
+    out = []
+    for i, (x, offset) in enumerate(zip(xs, offsets)):
+        w = None if ws is None else aligned(ws[i])
+        y = None if ys is None else aligned(ys[i])
+        out.append(_call(kernel, aligned(x), w, int(offset), params, y))
+    return tuple(out)
+
+
 def _map_block(x, *rest, kernel, offsets, has_w, block_id=None):
     """Blockwise body: ``kernel(X_block, w_block, offset, [y=y_block,] **params)``."""
     params, columns = rest[-1], [aligned(c) for c in rest[:-1]]
@@ -196,6 +243,13 @@ class RowBlocks:
     with the task that reads the block (from Zarr, or from memory when
     persisted): a block is read and reduced to its partial result in one task
     and never travels between workers.
+
+    When ``X`` is a copy cached by :func:`dmlkit.data.persist_placed`, which
+    knows the worker thread that holds each block, the consecutive blocks of
+    one thread are mapped by one task (fewer tasks per pass) and the whole
+    tree is folded in the calling process from the per-block records: the
+    same operations in the same order as the tree of tasks, hence the same
+    result (:func:`tree_fold`).
     """
 
     def __init__(self, X: da.Array, sample_weight: da.Array | None = None,
@@ -214,6 +268,7 @@ class RowBlocks:
         if self.offsets.shape != (self.n_blocks,):
             raise ValueError(f"offsets has shape {self.offsets.shape}; expected ({self.n_blocks},)")
         self._args = [X] + [v[:, None] for v in (sample_weight, y) if v is not None]
+        self.groups = groups_of(getattr(X, "_dmlkit_slots", None))
 
     @property
     def n_blocks(self) -> int:
@@ -259,6 +314,21 @@ class RowBlocks:
         )
         return list(parts.to_delayed(optimize_graph=True).ravel()), token
 
+    def _grouped_reduce(self, kernel, combine, params, fan_in: int, name: str) -> Reduction:
+        """One task per group of blocks; the tree folded where the result is computed."""
+        shipped = ship(params if params is not None else {})
+        token = dask.base.tokenize(kernel, shipped, combine, fan_in, self.groups,
+                                   *[a.name for a in self._args])
+        columns = [None if v is None else v.to_delayed(optimize_graph=False).ravel()
+                   for v in (self.X, self.sample_weight, self.y)]
+        task = dask.delayed(_map_group, pure=True)
+        parts = []
+        for g, members in enumerate(self.groups):
+            xs, ws, ys = (None if c is None else [c[i] for i in members] for c in columns)
+            parts.append(task(kernel, shipped, [int(self.offsets[i]) for i in members], xs, ws,
+                              ys, dask_key_name=(f"{name}-map-{token}", g)))
+        return Reduction(parts, combine, f"{name}-reduce-{token}", fan_in=fan_in)
+
     def reduce(
         self,
         kernel: Callable,
@@ -274,6 +344,8 @@ class RowBlocks:
         the graph once as one literal key (:func:`ship`).
         """
         fan_in = check_split_every(split_every)
+        if self.groups is not None:
+            return self._grouped_reduce(kernel, combine, params, fan_in, name)
         parts, token = self.partials(kernel, params, name)
         # the tree's keys depend on everything that shapes it
         token = dask.base.tokenize(token, combine, fan_in)

@@ -23,8 +23,9 @@ import numpy as np
 DEFAULT_CHUNK_BYTES = 16 * 2**20
 #: Largest block of a cached (persisted) copy of X.
 CACHE_BLOCK_BYTES = 256 * 2**20
-#: Cached copies are re-blocked to about this many blocks per worker thread.
-CACHE_BLOCKS_PER_THREAD = 1
+#: Cached copies keep X's chunks when they hold at least this many bytes; smaller
+#: chunks are joined up to it (but to no fewer blocks than worker threads).
+CACHE_MIN_BLOCK_BYTES = 8 * 2**20
 #: Seconds to wait for a worker when caching on a cluster that has none at the moment.
 WAIT_FOR_WORKERS_S = 60
 
@@ -260,19 +261,26 @@ def _total_threads() -> int:
     return int(dask.system.CPU_COUNT)
 
 
-def cache_block_rows(X: da.Array, threads: int) -> int:
-    """Rows per block of a cached copy of ``X``.
+def cache_block_rows(X: da.Array, threads: int, per_thread: int | None = None) -> int:
+    """Rows per block of a cached copy of ``X``: always a whole number of ``X``'s chunks.
 
-    About :data:`CACHE_BLOCKS_PER_THREAD` blocks per worker thread, at most
-    :data:`CACHE_BLOCK_BYTES` each (unless one of ``X``'s chunks is larger),
-    and always a whole number of ``X``'s own chunks. Fewer, larger blocks mean
-    fewer tasks per pass: each task costs the scheduler a round trip.
+    By default ``X``'s own chunks, joined up to :data:`CACHE_MIN_BLOCK_BYTES`
+    where they are smaller (but into no fewer blocks than ``threads``): a
+    pass maps one task per worker thread over the blocks that thread holds
+    (see :func:`persist_placed`), so block size only sets the kernels'
+    granularity, and keeping the chunks spares a copy when loading. With
+    ``per_thread``, about that many blocks per thread instead (for searches,
+    whose tasks are per block), at most :data:`CACHE_BLOCK_BYTES` each.
     """
     n = X.shape[0]
     row_bytes = max(1, X.dtype.itemsize * X.shape[1])
     base = max(X.chunks[0])
-    share = -(-n // (CACHE_BLOCKS_PER_THREAD * max(threads, 1)))
-    rows = -(-share // base) * base  # whole chunks, rounded up: no small tail block
+    threads = max(threads, 1)
+    if per_thread is None:
+        target = min(max(1, CACHE_MIN_BLOCK_BYTES // row_bytes), -(-n // threads))
+    else:
+        target = -(-n // (per_thread * threads))
+    rows = -(-target // base) * base  # whole chunks, rounded up: no small tail block
     cap = max(base, CACHE_BLOCK_BYTES // row_bytes // base * base)
     return min(rows, cap)
 
@@ -292,7 +300,7 @@ def memory_budget() -> int:
 
 def cache(
     X: da.Array, rows: Sequence[da.Array | None], cache: bool | str, source: Any,
-    block_rows: int | None = None,
+    block_rows: int | None = None, per_thread: int | None = None,
 ) -> tuple[da.Array, tuple[da.Array | None, ...], bool]:
     """Apply an estimator's ``cache`` rule to ``X`` and its row-aligned vectors.
 
@@ -303,11 +311,11 @@ def cache(
     distributed client is active) and persists lazy inputs when they take at
     most half of the cluster's memory (:func:`memory_budget`); otherwise every
     pass streams the data from its store. ``True`` always persists, ``False``
-    never does. A persisted copy is re-blocked along rows into about one large
-    block per worker thread (:func:`cache_block_rows`); results then differ
-    from a streamed fit only by floating point rounding. On a distributed
-    cluster the blocks are spread evenly over the workers, each next to its
-    rows of ``y`` and the weights (:func:`persist_placed`).
+    never does. A persisted copy keeps ``X``'s chunks, or joins small ones
+    (:func:`cache_block_rows`; ``per_thread`` asks for about that many blocks
+    per worker thread instead). On a distributed cluster the blocks are spread
+    evenly over the workers, each next to its rows of ``y`` and the weights
+    (:func:`persist_placed`).
 
     ``block_rows`` fixes the blocks instead, cached or not: every block but the
     last has exactly ``block_rows`` rows, whatever the input's chunking
@@ -328,7 +336,7 @@ def cache(
         return X, rows, False
     if in_memory and _client() is None:
         return X, rows, True  # already in this process's memory
-    block = cache_block_rows(X, _total_threads()) if block_rows is None else 0
+    block = cache_block_rows(X, _total_threads(), per_thread) if block_rows is None else 0
     if block > max(X.chunks[0]):
         X = X.rechunk({0: block})
         rows = tuple(None if v is None else v.rechunk({0: block}) for v in rows)
@@ -349,11 +357,18 @@ def block_workers(n_blocks: int, client) -> list[str]:
     consecutive blocks, so every thread has the same number of rows to work
     on and neighbouring blocks (combined first by the tree) share a worker.
     """
+    return [addr for addr, _ in block_slots(n_blocks, client)]
+
+
+def block_slots(n_blocks: int, client) -> list[tuple[str, int]]:
+    """The worker thread ``(address, thread)`` each of ``n_blocks`` row blocks is for (see
+    :func:`block_workers`)."""
     workers = client.scheduler_info(n_workers=-1)["workers"]
     if not workers:  # between a worker's restart and its return, say
         client.wait_for_workers(1, timeout=WAIT_FOR_WORKERS_S)
         workers = client.scheduler_info(n_workers=-1)["workers"]
-    slots = [addr for addr in sorted(workers) for _ in range(max(1, workers[addr].get("nthreads", 1)))]
+    slots = [(addr, t) for addr in sorted(workers)
+             for t in range(max(1, workers[addr].get("nthreads", 1)))]
     return [slots[i * len(slots) // n_blocks] for i in range(n_blocks)]
 
 
@@ -376,7 +391,8 @@ def persist_placed(arrays: Sequence[da.Array | None], client) -> list[da.Array |
 
     live = [a for a in arrays if a is not None]
     n_blocks = live[0].numblocks[0]
-    where = block_workers(n_blocks, client)
+    slots = block_slots(n_blocks, client)
+    where = [addr for addr, _ in slots]
     names, sources = [], []
     for a in live:
         keys = [(a.name, i) + (0,) * (a.ndim - 1) for i in range(n_blocks)]
@@ -398,7 +414,10 @@ def persist_placed(arrays: Sequence[da.Array | None], client) -> list[da.Array |
             (future,) = futures_of(per_block[i][j])
             layer[future.key] = future
         graph = HighLevelGraph.from_collections(name, layer, dependencies=())
-        out.append(da.Array(graph, name, a.chunks, dtype=a.dtype, meta=a._meta))
+        placed = da.Array(graph, name, a.chunks, dtype=a.dtype, meta=a._meta)
+        # which worker thread each block is for: passes map one task per thread's blocks
+        placed._dmlkit_slots = slots
+        out.append(placed)
     it = iter(out)
     return [None if a is None else next(it) for a in arrays]
 

@@ -94,9 +94,10 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
     cache : {"auto", True, False}, default="auto"
         "auto" persists ``X`` in the cluster's memory when it takes at most
         half of it and streams it from its store on every pass otherwise.
-        The cached copy is re-blocked into about one block per worker thread
-        (whole chunks of ``X``), spread evenly over the workers, which cuts
-        the tasks, and so the scheduler's overhead, of every pass.
+        The cached copy keeps ``X``'s chunks (joining chunks under 8 MiB),
+        spread evenly over the workers; each pass then runs one task per
+        worker thread over the chunks it holds, which keeps the scheduler's
+        overhead per pass small.
     progress : bool, default=False
         Show a progress bar (terminal or notebook) with the current inertia.
 

@@ -62,15 +62,19 @@ def prepare_supervised(X: Any, y: Any, sample_weight: Any):
     return X_in, y_in, w_in
 
 
-def find_classes(y_in, estimator: str):
-    """``(classes, counts)`` of the labels (one pass over ``y``); at least two classes."""
+def find_classes(y_in, estimator: str, *also):
+    """``(classes, counts)`` of the labels (one pass over ``y``); at least two classes.
+
+    Lazy values in ``also`` are computed in the same round trip; their values
+    follow: ``(classes, counts, *also)``.
+    """
     import dask.array as da
 
-    classes, counts = _graph.compute(*da.unique(y_in, return_counts=True))
+    classes, counts, *extra = _graph.compute(*da.unique(y_in, return_counts=True), *also)
     if classes.size < 2:
         raise ValueError(f"y has a single class ({classes.tolist()}); {estimator} "
                          "needs samples of at least 2 classes")
-    return classes, counts
+    return (classes, counts, *extra)
 
 
 def class_weight_rows(class_weight: Any, w_in, y_in, classes: np.ndarray, counts: np.ndarray):

@@ -33,6 +33,9 @@ _MODES = ("connectivity", "distance")
 MIN_QUERY_ROWS = 256
 #: Rows per query block when the queries are a NumPy array (at most).
 MAX_QUERY_ROWS = 16_384
+#: A cached index is re-blocked into about this many blocks per worker thread (each
+#: search task is one data block against one query block).
+SEARCH_BLOCKS_PER_THREAD = 2
 #: Marker of an IVF index store written by dmlkit.
 _IVF_GENERATOR = "dmlkit.NearestNeighbors(algorithm='ivf')"
 
@@ -150,7 +153,8 @@ class _NeighborsBase(BaseEstimator):
             self._build_ivf(X, X_in, y_in, n_lists)
             self._fit_X = X_in  # the queries of kneighbors(None), read from the source
         else:
-            Xd, (yd,), _ = data.cache(X_in, [y_in], self.cache, X)
+            Xd, (yd,), _ = data.cache(X_in, [y_in], self.cache, X,
+                                      per_thread=SEARCH_BLOCKS_PER_THREAD)
             blocks = _graph.RowBlocks(Xd, None, yd)
             passes = _graph.Passes(blocks, self.split_every, check=lambda s: data.check_stats(
                 s, X_in.chunks[0], False, supervised=yd is not None))
@@ -231,7 +235,8 @@ class _NeighborsBase(BaseEstimator):
         extra = [Ri] + [data.as_rows(g[name], Xi, name) for name in ("index", "list")]
         extra.append(None if yb is None else data.as_rows(g["y"], Xi, "y"))
         stored = Xi.chunks[0]
-        Xi, (Ri, index, lists, yi), _ = data.cache(Xi, extra, self.cache, path)
+        Xi, (Ri, index, lists, yi), _ = data.cache(Xi, extra, self.cache, path,
+                                                   per_thread=SEARCH_BLOCKS_PER_THREAD)
         if Xi.chunks[0] != stored:  # not expected: the store's blocks are the cache's
             Ri = _graph.map_rows(Xi, IVF.prepared_rows, {"metric": self.metric,
                                                          "center": center}, np.float32, d + 1)

@@ -140,8 +140,12 @@ class _BaseSGD(BaseEstimator):
         return 512 if self.mode == "local" else 8192
 
     # ---------------------------------------------------------------- state
-    def _start(self, blocks: _graph.RowBlocks, n_features: int, n_classes: int) -> None:
-        """Fresh parameters, counters and learning rate; assumes validated parameters."""
+    def _start(self, blocks: _graph.RowBlocks, n_features: int, n_classes: int,
+               sample: np.ndarray | None = None) -> None:
+        """Fresh parameters, counters and learning rate; assumes validated parameters.
+
+        ``sample`` is :meth:`_eta0_sample`'s rows when already computed.
+        """
         self._seed = _integer_seed(self.random_state)
         self._theta = np.zeros(n_params(self._family, n_features, n_classes, self.fit_intercept))
         self.t_ = 0.0
@@ -151,23 +155,41 @@ class _BaseSGD(BaseEstimator):
         self._best_loss, self._no_improvement = np.inf, 0
         self._l1_state = None  # sync mode's cumulative L1 penalty
         self.n_features_in_ = n_features
-        self._eta0 = self._initial_eta0(blocks)
+        self._eta0 = self._initial_eta0(blocks, sample)
 
-    def _initial_eta0(self, blocks: _graph.RowBlocks) -> float:
+    def _auto_eta0(self) -> bool:
+        return (isinstance(self.eta0, str) and self.eta0 == "auto"
+                and self.learning_rate != "optimal")
+
+    def _eta0_sample(self, X_in) -> Any:
+        """The rows ``eta0="auto"`` is estimated from, lazily: the first
+        :data:`CURVATURE_SAMPLE_ROWS` rows of the first shard of a fresh fit's
+        first epoch, in visiting order (None when ``eta0`` is not "auto")."""
+        if not self._auto_eta0():
+            return None
+        n = X_in.shape[0]
+        first = int(kernels.shard_order(-(-n // self.shard_rows),
+                                        _integer_seed(self.random_state), 0, self.shuffle, 0)[0])
+        start = first * self.shard_rows
+        # on a worker that holds the shard: only the sample's rows travel
+        return dask.delayed(_curvature_sample, pure=True)(
+            X_in[start : start + self.shard_rows], start, _integer_seed(self.random_state), 0,
+            self.shuffle)
+
+    def _initial_eta0(self, blocks: _graph.RowBlocks, sample: np.ndarray | None = None) -> float:
         if not (isinstance(self.eta0, str) and self.eta0 == "auto"):
             return float(self.eta0)
         if self.learning_rate == "optimal":
             return 0.0  # not used: the rate is 1 / (alpha (t0 + t))
         # 1 / (a bound on the curvature) from the first rows of the first shard visited
-        first = int(kernels.shard_order(blocks.n_blocks, self._seed, 0, self.shuffle,
-                                        self._rows_seen)[0])
-        # on the worker that holds the shard: only the sample's rows travel
-        sample = dask.delayed(_curvature_sample, pure=True)(
-            blocks.X.blocks[first], int(blocks.offsets[first]), self._seed, self._rows_seen,
-            self.shuffle)
-        Xs, = _graph.compute(sample)
-        finite = np.isfinite(Xs).all(axis=1)
-        return 1.0 / _curvature_bound(Xs[finite], self._family, self.fit_intercept)
+        if sample is None:
+            first = int(kernels.shard_order(blocks.n_blocks, self._seed, 0, self.shuffle,
+                                            self._rows_seen)[0])
+            sample, = _graph.compute(dask.delayed(_curvature_sample, pure=True)(
+                blocks.X.blocks[first], int(blocks.offsets[first]), self._seed,
+                self._rows_seen, self.shuffle))
+        finite = np.isfinite(sample).all(axis=1)
+        return 1.0 / _curvature_bound(sample[finite], self._family, self.fit_intercept)
 
     def _schedule(self) -> dict:
         alpha, _ = self._alpha_l1_ratio()
@@ -488,13 +510,16 @@ class SGDClassifier(ClassifierMixin, LinearClassifierMixin, _BaseSGD):
         """Fit from scratch on ``X`` (array, dask, xarray or Zarr path) and labels ``y``."""
         self._check_params()
         self._check_loss()
-        _, y_in, _ = prepare_supervised(X, y, None)
-        classes, counts = find_classes(y_in, "SGDClassifier")
+        X_in, y_in, _ = prepare_supervised(X, y, None)
+        # the step size's sample rows come in the same round trip as the classes
+        lazy = self._eta0_sample(X_in)
+        classes, counts, *sample = find_classes(y_in, "SGDClassifier",
+                                                *([lazy] if lazy is not None else []))
         self.classes_ = classes
         self._set_family(classes.size)
         X_in, y_idx, w_fit = self._labelled(X, y, sample_weight, classes, counts)
         blocks = self._blocks(X_in, y_idx, w_fit, X)
-        self._start(blocks, X_in.shape[1], classes.size)
+        self._start(blocks, X_in.shape[1], classes.size, sample[0] if sample else None)
         self._fit(blocks)
         return self
 

@@ -100,9 +100,13 @@ def test_open_zarr_errors(tmp_path):
 
 def test_cached_copy_is_reblocked_into_whole_chunks():
     X = da.zeros((1000, 4), chunks=(30, 4))
-    assert data.CACHE_BLOCKS_PER_THREAD == 1
+    # small chunks are joined, into no fewer blocks than threads
     assert data.cache_block_rows(X, threads=2) == 510  # 2 blocks of 17 and 16 chunks
     assert data.cache_block_rows(X, threads=4) == 270  # 4 blocks, the last of 190 rows
+    assert data.cache_block_rows(X, threads=2, per_thread=2) == 270
+    chunky = da.zeros((10**6, 32), chunks=(10**5, 32), dtype="f4")  # 12.8 MB chunks stay
+    assert data.cache_block_rows(chunky, threads=2) == 10**5
+    assert data.cache_block_rows(chunky, threads=2, per_thread=1) == 5 * 10**5
     assert data.cache_block_rows(X, threads=1000) == 30  # never below a chunk
     big = da.zeros((10**8, 32), chunks=(10**5, 32), dtype="f4")
     rows = data.cache_block_rows(big, threads=2)

@@ -163,3 +163,36 @@ def test_unaligned_blocks_are_aligned_before_the_kernel():
                             block_id=(0, 0))
     assert seen == [True]
     assert_allclose(out, X.astype(np.float64).sum(0))
+
+
+def _weighted_target_sums(X, w, offset, y=None):
+    return np.concatenate([(X * w[:, None]).sum(0, dtype=np.float64),
+                           [float(np.dot(w, y)), float(offset)]])
+
+
+@pytest.mark.parametrize("split_every", [2, 3, 8])
+def test_grouped_passes_give_the_bits_of_the_tree(split_every):
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((1000, 3)).astype(np.float32)
+    w, y = rng.uniform(0.5, 2, 1000), rng.standard_normal(1000)
+
+    def blocks(slots=None):
+        Xd = da.from_array(X, chunks=(37, 3))  # 28 blocks
+        if slots is not None:  # as dmlkit.data.persist_placed marks a cached copy
+            Xd._dmlkit_slots = slots
+        return _graph.RowBlocks(Xd, da.from_array(w, chunks=37), da.from_array(y, chunks=37))
+
+    plain = blocks().reduce(_weighted_target_sums, add, {}, split_every)
+    placed = blocks([("a", 0)] * 10 + [("a", 1)] * 9 + [("b", 0)] * 9)
+    assert placed.groups == [list(range(10)), list(range(10, 19)), list(range(19, 28))]
+    grouped = placed.reduce(_weighted_target_sums, add, {}, split_every)
+    assert len(grouped.__dask_keys__()) == 3  # one task per worker thread
+    (a,), (b,) = _graph.compute(plain), _graph.compute(grouped)
+    assert_array_equal(a, b)  # the same operations in the same order
+    assert_allclose(a[:3], (X * w[:, None]).sum(0), rtol=1e-6)
+
+
+def test_one_block_per_slot_needs_no_groups():
+    assert _graph.groups_of([("a", 0), ("b", 0)]) is None
+    assert _graph.groups_of(None) is None
+    assert _graph.groups_of([("a", 0), ("a", 0), ("b", 0)]) == [[0, 1], [2]]

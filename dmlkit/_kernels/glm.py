@@ -199,11 +199,20 @@ def glm_partial(
     k = coef.shape[0]
     g_coef, g_int = grad[: k * d].reshape(k, d), grad[k * d :]
     hess = np.zeros((d + fit_intercept, d + fit_intercept)) if hessian else None
-    # sub-blocks: float32 products are flushed into float64 sums every few thousand rows
-    for s in range(0, n, SUB_BLOCK_ROWS):
-        Xb, wb, yb = X[s : s + SUB_BLOCK_ROWS], wf[s : s + SUB_BLOCK_ROWS], y[s : s + SUB_BLOCK_ROWS]
-        Z = (Xb.astype(np.float64) @ coef.T if precise else
-             (Xb @ coef_t).astype(np.float64)) + intercept  # (rows, k)
+    # one buffer for the float64 copies of the sub-blocks: a fresh one each time costs page
+    # faults where large temporaries are mmap-ed (dask workers' default malloc settings)
+    # sub-blocks: float32 products are flushed into float64 sums every few thousand rows; with
+    # several outputs, fewer rows, so that each (rows, k) temporary stays under 128 KiB
+    step = max(1024, SUB_BLOCK_ROWS // k)
+    wide = np.empty((min(n, step), d)) if precise and X.dtype != np.float64 else None
+    for s in range(0, n, step):
+        Xb, wb, yb = X[s : s + step], wf[s : s + step], y[s : s + step]
+        if wide is not None:
+            Xw = wide[: Xb.shape[0]]
+            np.copyto(Xw, Xb)
+            Z = Xw @ coef.T + intercept  # (rows, k)
+        else:
+            Z = (Xb @ coef_t).astype(np.float64) + intercept
         part, D, curvature = pointwise(Z, yb, wb, family, epsilon)
         loss += part
         g_coef += D.T.astype(X.dtype) @ Xb
