@@ -88,7 +88,10 @@ def connect(
     5. the environment variable ``DMLKIT_SCHEDULER_FILE``, then
        ``DASK_SCHEDULER_FILE`` (a scheduler file);
     6. the environment variable ``DMLKIT_CLUSTER`` (as ``cluster``);
-    7. a new :class:`distributed.LocalCluster` sized to this machine.
+    7. a new :class:`distributed.LocalCluster` sized to this machine, whose
+       worker processes get malloc settings that keep kernels' temporaries off
+       fresh mmaps (``dmlkit._local.WORKER_MALLOC``; not where you set
+       ``MALLOC_TRIM_THRESHOLD_`` or ``MALLOC_MMAP_THRESHOLD_`` yourself).
 
     Explicit arguments come before the environment; empty environment
     variables are ignored.

@@ -203,8 +203,9 @@ class _NeighborsBase(BaseEstimator):
                                  split_every=self.split_every, progress=self.progress).fit(sample)
         centroids = self.quantizer_.cluster_centers_.astype(np.float64)
         # blocks of the store: about one per worker thread (every search tile loops over
-        # the lists, so fewer, larger tiles cost less), regular (the store's chunks)
-        rows = data.cache_block_rows(X_in, max(1, data._total_threads() // 2))
+        # the lists, so fewer, larger tiles cost less), regular (the store's chunks); the
+        # cached copy keeps exactly these blocks, inside which rows are sorted by list
+        rows = data.cache_block_rows(X_in, data._total_threads(), per_thread=1)
         Xb = X_in.rechunk({0: rows}) if set(X_in.chunks[0][:-1]) - {rows} or \
             X_in.chunks[0][-1] > rows else X_in
         yb = None if y_in is None else y_in.rechunk({0: Xb.chunks[0]})
@@ -234,12 +235,7 @@ class _NeighborsBase(BaseEstimator):
                              np.float32, d + 1)
         extra = [Ri] + [data.as_rows(g[name], Xi, name) for name in ("index", "list")]
         extra.append(None if yb is None else data.as_rows(g["y"], Xi, "y"))
-        stored = Xi.chunks[0]
-        Xi, (Ri, index, lists, yi), _ = data.cache(Xi, extra, self.cache, path,
-                                                   per_thread=SEARCH_BLOCKS_PER_THREAD)
-        if Xi.chunks[0] != stored:  # not expected: the store's blocks are the cache's
-            Ri = _graph.map_rows(Xi, IVF.prepared_rows, {"metric": self.metric,
-                                                         "center": center}, np.float32, d + 1)
+        Xi, (Ri, index, lists, yi), _ = data.cache(Xi, extra, self.cache, path, block_rows=rows)
         self._ivf = {"rows": Ri, "X": Xi, "index": index, "list": lists, "y": yi,
                      "center": center}
         self.cluster_centers_ = centroids

@@ -75,6 +75,11 @@ def test_local_default_is_sized_to_machine_on_localhost_and_closes_with_client(c
         assert {w["memory_limit"] for w in workers} == {MEMORY_LIMIT // n_workers}
         assert all(w["host"] == "127.0.0.1" for w in workers)
         assert client.submit(sum, [1, 2, 3]).result() == 6
+        from dmlkit._local import WORKER_MALLOC
+
+        if not any(name in os.environ for name in WORKER_MALLOC):
+            seen = client.run(lambda: {n: os.environ.get(n) for n in WORKER_MALLOC})
+            assert all(env == WORKER_MALLOC for env in seen.values())
         with urlopen(client.dashboard_link, timeout=10) as page:
             assert page.status == 200
         pids = list(client.run(os.getpid).values())
@@ -375,3 +380,21 @@ def test_local_cluster_size_from_the_environment(monkeypatch):
     monkeypatch.setenv("DMLKIT_MEMORY_LIMIT", "lots")
     with pytest.raises(ValueError, match="DMLKIT_MEMORY_LIMIT='lots' should be a byte count"):
         _local_cluster_defaults({})
+
+
+def test_local_workers_get_malloc_settings_unless_configured(monkeypatch):
+    import dask
+
+    from dmlkit import _local
+
+    for name in _local.WORKER_MALLOC:
+        monkeypatch.delenv(name, raising=False)
+    env = _local._worker_environ()
+    assert {k: env[k] for k in _local.WORKER_MALLOC} == _local.WORKER_MALLOC
+    assert env.get("OMP_NUM_THREADS") == dask.config.get(
+        "distributed.nanny.pre-spawn-environ").get("OMP_NUM_THREADS")  # dask's others kept
+    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": 1024}):
+        assert _local._worker_environ()["MALLOC_TRIM_THRESHOLD_"] == 1024
+        assert "MALLOC_MMAP_THRESHOLD_" not in _local._worker_environ()
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert "MALLOC_MMAP_THRESHOLD_" not in _local._worker_environ()

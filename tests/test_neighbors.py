@@ -254,6 +254,14 @@ def clustered():
     return X, Q
 
 
+def zarr_chunks(path, name):
+    import zarr
+
+    a = zarr.open_group(str(path), mode="r")[name]
+    full, rest = divmod(a.shape[0], a.chunks[0])
+    return [a.chunks[0]] * full + ([rest] if rest else [])
+
+
 def test_ivf_every_list_probed_equals_exact(clustered, tmp_path):
     X, Q = clustered
     exact_d, exact_i = sk_nn(X, 10).kneighbors(Q)
@@ -262,6 +270,10 @@ def test_ivf_every_list_probed_equals_exact(clustered, tmp_path):
                            random_state=0).fit(da.from_array(X, chunks=1000))
     assert ivf.index_path_ == str(path) and os.path.isdir(path)
     assert ivf.cluster_centers_.shape == (30, 8) and ivf.list_sizes_.sum() == 6000
+    # the searched blocks are the store's: rows sorted by list inside each
+    assert ivf._ivf["list"].chunks == (tuple(zarr_chunks(path, "list")),)
+    for block in ivf._ivf["list"].blocks:
+        assert (np.diff(block.compute()) >= 0).all()
     d, i = ivf.kneighbors(Q)
     assert_array_equal(i, exact_i)
     assert_allclose(d, exact_d, rtol=1e-6)
