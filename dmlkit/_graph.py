@@ -59,36 +59,72 @@ def _fold_results(results: Sequence, combine: Callable) -> Any:
     return _fold(combine, results)
 
 
-def tree_fold(parts: Sequence, combine: Callable, fan_in: int) -> Any:
-    """Fold ``parts`` by the tree of :meth:`RowBlocks.reduce`, in one process.
+def tree_levels(n: int, fan_in: int) -> list[int]:
+    """Records per level of the tree over ``n`` blocks: ``[n, ceil(n / fan_in), ...]``, down
+    to the level of at most ``fan_in`` records that the root folds."""
+    counts = [n]
+    while counts[-1] > fan_in:
+        counts.append(-(-counts[-1] // fan_in))
+    return counts
 
-    Groups of ``fan_in`` consecutive records are left-folded level by level
-    (a group of one passes up unchanged) until at most ``fan_in`` remain,
-    which are left-folded: the same operations in the same order as the
-    tree's tasks and root, hence the same bits.
+
+def _node(nodes: dict, level: int, i: int, counts: list, combine: Callable, fan_in: int):
+    """Tree node ``(level, i)`` from its children, which it removes from ``nodes``."""
+    children = [nodes.pop((level - 1, j))
+                for j in range(i * fan_in, min((i + 1) * fan_in, counts[level - 1]))]
+    return children[0] if len(children) == 1 else _fold(combine, children)
+
+
+def fold_held(records: dict, members: Sequence[int], n: int, combine: Callable,
+              fan_in: int) -> dict:
+    """The largest subtrees of the tree over ``n`` blocks that ``members`` hold entirely.
+
+    ``records`` maps each member block to its record. Returns ``{(level, index):
+    record}`` for the highest tree nodes whose blocks are all members (single
+    blocks at level 0 where no larger subtree is held), computed with the
+    tree's own operations: node ``(L, i)`` is the left fold of its children
+    ``(L - 1, i * fan_in ...)``, a single child passed up as it is.
     """
-    parts = list(parts)
-    while len(parts) > fan_in:
-        parts = [group[0] if len(group) == 1 else _fold(combine, group)
-                 for group in (parts[j : j + fan_in] for j in range(0, len(parts), fan_in))]
-    return _fold(combine, parts)
+    held = set(members)
+    nodes = {(0, b): records[b] for b in members}
+    counts = tree_levels(n, fan_in)
+    span = 1
+    for level in range(1, len(counts)):
+        span *= fan_in
+        for i in sorted({b // span for b in members}):
+            if all(b in held for b in range(i * span, min((i + 1) * span, n))):
+                nodes[(level, i)] = _node(nodes, level, i, counts, combine, fan_in)
+    return nodes
 
 
-def _fold_groups(results: Sequence, combine: Callable, fan_in: int) -> Any:
-    return tree_fold([part for group in results for part in group], combine, fan_in)
+def _fold_groups(results: Sequence[dict], combine: Callable, fan_in: int, n: int) -> Any:
+    """The root from the groups' subtrees: the nodes no group held, then the root's fold."""
+    nodes: dict = {}
+    for part in results:
+        nodes.update(part)
+    counts = tree_levels(n, fan_in)
+    top = len(counts) - 1
+    sent = set(nodes)
+
+    def under_sent(level: int, i: int) -> bool:  # folded into a subtree a group sent
+        return any((up, i // fan_in ** (up - level)) in sent for up in range(level + 1, top + 1))
+
+    for level in range(1, top + 1):
+        for i in range(counts[level]):
+            if (level, i) not in nodes and not under_sent(level, i):
+                nodes[(level, i)] = _node(nodes, level, i, counts, combine, fan_in)
+    return _fold(combine, [nodes[(top, i)] for i in range(counts[top])])
 
 
 def groups_of(slots: Sequence | None) -> list[list[int]] | None:
-    """Runs of consecutive blocks held by the same worker thread, or None when every run is one block."""
+    """The blocks of each worker thread (in block order), or None when each holds one block."""
     if not slots:
         return None
-    groups: list[list[int]] = []
+    groups: dict = {}
     for i, slot in enumerate(slots):
-        if groups and slots[groups[-1][0]] == slot:
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-    return groups if len(groups) < len(slots) else None
+        groups.setdefault(slot, []).append(i)
+    out = sorted(groups.values())
+    return out if len(out) < len(slots) else None
 
 
 def _nbytes(value: Any) -> int:
@@ -114,21 +150,27 @@ def ship(params: Any) -> Any:
 
 
 class Reduction(DaskMethodsMixin):
-    """The top of a tree reduction: at most ``split_every`` records, combined when computed.
+    """The top of a tree reduction, combined when computed.
 
-    A dask collection: ``dask.compute`` (or :func:`compute`) computes the
-    records on the cluster, together with anything computed alongside, and
-    folds them left to right with ``combine`` in the calling process.
+    A dask collection: ``dask.compute`` (or :func:`compute`) computes its
+    parts on the cluster, together with anything computed alongside, and
+    folds them with ``combine`` in the calling process. The parts are the at
+    most ``split_every`` records under the root, or (with ``fan_in`` set) one
+    set of subtrees per group of blocks, whose missing nodes are folded here
+    too, each from at most ``split_every`` records.
     """
 
-    __slots__ = ("parts", "combine", "name", "fan_in")
+    __slots__ = ("parts", "combine", "name", "fan_in", "n_blocks")
 
-    def __init__(self, parts: Sequence, combine: Callable, name: str, fan_in: int | None = None):
+    def __init__(self, parts: Sequence, combine: Callable, name: str, fan_in: int | None = None,
+                 n_blocks: int | None = None):
         self.parts = list(parts)
         self.combine = combine
         self.name = name
-        #: set when each part is a group's tuple of per-block records, all folded here
+        #: set when each part is a group's subtrees ({(level, index): record}); the tree's
+        #: missing nodes and its root are then folded here
         self.fan_in = fan_in
+        self.n_blocks = n_blocks
 
     def __dask_graph__(self):
         return HighLevelGraph.merge(*[p.__dask_graph__() for p in self.parts])
@@ -149,7 +191,7 @@ class Reduction(DaskMethodsMixin):
 
     def __dask_postcompute__(self):
         if self.fan_in is not None:
-            return _fold_groups, (self.combine, self.fan_in)
+            return _fold_groups, (self.combine, self.fan_in, self.n_blocks)
         return _fold_results, (self.combine,)
 
     def __dask_postpersist__(self):
@@ -206,15 +248,17 @@ def aligned(a):
     return a
 
 
-def _map_group(kernel: Callable, params: dict, offsets: Sequence[int], xs: Sequence,
-               ws: Sequence | None, ys: Sequence | None) -> tuple:
-    """The kernel on each block of a group (blocks held by one worker thread), in order."""
-    out = []
-    for i, (x, offset) in enumerate(zip(xs, offsets)):
+def _map_group(kernel: Callable, params: dict, members: Sequence[int], offsets: Sequence[int],
+               xs: Sequence, ws: Sequence | None, ys: Sequence | None, *, combine: Callable,
+               fan_in: int, n_blocks: int) -> dict:
+    """The kernel on each block of a group (the blocks one worker thread holds), and the
+    subtrees of the reduction tree that the group holds entirely (:func:`fold_held`)."""
+    records = {}
+    for i, (b, x, offset) in enumerate(zip(members, xs, offsets)):
         w = None if ws is None else aligned(ws[i])
         y = None if ys is None else aligned(ys[i])
-        out.append(_call(kernel, aligned(x), w, int(offset), params, y))
-    return tuple(out)
+        records[b] = _call(kernel, aligned(x), w, int(offset), params, y)
+    return fold_held(records, members, n_blocks, combine, fan_in)
 
 
 def _map_block(x, *rest, kernel, offsets, has_w, block_id=None):
@@ -245,11 +289,12 @@ class RowBlocks:
     and never travels between workers.
 
     When ``X`` is a copy cached by :func:`dmlkit.data.persist_placed`, which
-    knows the worker thread that holds each block, the consecutive blocks of
-    one thread are mapped by one task (fewer tasks per pass) and the whole
-    tree is folded in the calling process from the per-block records: the
+    knows the worker thread that holds each block, the blocks of one thread
+    are mapped by one task (fewer tasks per pass), which also folds the
+    subtrees of the reduction tree it holds entirely (:func:`fold_held`); the
+    calling process folds the rest of the tree and its root. These are the
     same operations in the same order as the tree of tasks, hence the same
-    result (:func:`tree_fold`).
+    result.
     """
 
     def __init__(self, X: da.Array, sample_weight: da.Array | None = None,
@@ -325,9 +370,11 @@ class RowBlocks:
         parts = []
         for g, members in enumerate(self.groups):
             xs, ws, ys = (None if c is None else [c[i] for i in members] for c in columns)
-            parts.append(task(kernel, shipped, [int(self.offsets[i]) for i in members], xs, ws,
-                              ys, dask_key_name=(f"{name}-map-{token}", g)))
-        return Reduction(parts, combine, f"{name}-reduce-{token}", fan_in=fan_in)
+            parts.append(task(kernel, shipped, members, [int(self.offsets[i]) for i in members],
+                              xs, ws, ys, combine=combine, fan_in=fan_in, n_blocks=self.n_blocks,
+                              dask_key_name=(f"{name}-map-{token}", g)))
+        return Reduction(parts, combine, f"{name}-reduce-{token}", fan_in=fan_in,
+                         n_blocks=self.n_blocks)
 
     def reduce(
         self,
@@ -567,12 +614,9 @@ def compute_with_progress(results: Sequence[da.Array], bar) -> tuple:
     """
     blocks = [list(r.to_delayed().ravel()) for r in results]
     rows = results[0].chunks[0]
-    try:
-        from distributed import default_client
+    from dmlkit.data import _client
 
-        client = default_client()
-    except (ImportError, ValueError):
-        client = None
+    client = _client()  # None under a scheduler set in dask's config, say "sync"
     if client is not None:
         from distributed import as_completed
 

@@ -350,19 +350,14 @@ def cache(
     return X, tuple(rows), True
 
 
-def block_workers(n_blocks: int, client) -> list[str]:
-    """The worker that holds each of ``n_blocks`` row blocks: contiguous runs, balanced by threads.
-
-    Worker ``j`` with ``t_j`` threads gets about ``n_blocks * t_j / sum(t)``
-    consecutive blocks, so every thread has the same number of rows to work
-    on and neighbouring blocks (combined first by the tree) share a worker.
-    """
-    return [addr for addr, _ in block_slots(n_blocks, client)]
-
-
 def block_slots(n_blocks: int, client) -> list[tuple[str, int]]:
-    """The worker thread ``(address, thread)`` each of ``n_blocks`` row blocks is for (see
-    :func:`block_workers`)."""
+    """The worker thread ``(address, thread)`` for each of ``n_blocks`` row blocks.
+
+    Contiguous runs balanced by threads: worker ``j`` with ``t_j`` threads gets
+    about ``n_blocks * t_j / sum(t)`` consecutive blocks, so every thread has
+    the same number of rows to work on and neighbouring blocks (combined first
+    by the tree) share a worker.
+    """
     workers = client.scheduler_info(n_workers=-1)["workers"]
     if not workers:  # between a worker's restart and its return, say
         client.wait_for_workers(1, timeout=WAIT_FOR_WORKERS_S)
@@ -372,51 +367,84 @@ def block_slots(n_blocks: int, client) -> list[tuple[str, int]]:
     return [slots[i * len(slots) // n_blocks] for i in range(n_blocks)]
 
 
+def _held_slots(futures: list, client) -> list[tuple[str, int]]:
+    """The worker thread of blocks already in the cluster's memory: where they are, each
+    worker's blocks shared out in order among its threads."""
+    from distributed import wait
+
+    wait(futures)
+    holders = client.who_has(futures)
+    nthreads = {addr: max(1, info.get("nthreads", 1)) for addr, info in
+                client.scheduler_info(n_workers=-1)["workers"].items()}
+    where = [sorted(holders.get(f.key) or ["?"])[0] for f in futures]
+    slots, seen = [], {}
+    for addr in where:
+        total = where.count(addr)
+        j = seen.get(addr, 0)
+        seen[addr] = j + 1
+        slots.append((addr, j * nthreads.get(addr, 1) // total))
+    return slots
+
+
 def persist_placed(arrays: Sequence[da.Array | None], client) -> list[da.Array | None]:
     """Persist row-aligned arrays on a distributed cluster, placing the blocks.
 
     Block ``i`` of every array is computed and kept on the same worker
-    (:func:`block_workers`): a pass over ``X`` then runs the same number of
-    rows on every thread, and a kernel that also reads ``y`` or the weights
-    finds them next to ``X``'s block instead of fetching them from another
-    worker. The placement is a preference: if a worker dies, its blocks are
-    recomputed from the source on another one. Blocks are read where they
-    are kept, so loading moves no data between workers either. An array
-    already persisted (by the caller, wherever the scheduler put it) is
-    referenced under new keys on the chosen workers: a block that sits
-    elsewhere is copied there once.
+    (:func:`block_slots`): a pass over ``X`` then runs the same number of rows
+    on every thread, and a kernel that also reads ``y`` or the weights finds
+    them next to ``X``'s block instead of fetching them from another worker.
+    Blocks are read where they are kept, so loading moves no data between
+    workers either. The placement is a preference: if a worker dies, its
+    blocks are recomputed on another one (from the source; data scattered
+    from the client cannot be). If ``X`` itself is already persisted it stays
+    where it is (no copy) and the other arrays join its blocks. The returned
+    arrays carry which worker thread holds each block (``_dmlkit_slots``), so
+    that passes map one task per thread (:class:`dmlkit._graph.RowBlocks`).
     """
     from dask.delayed import Delayed
     from distributed import futures_of
 
     live = [a for a in arrays if a is not None]
-    n_blocks = live[0].numblocks[0]
-    slots = block_slots(n_blocks, client)
+    X = live[0]
+    n_blocks = X.numblocks[0]
+    keys = [[(a.name, i) + (0,) * (a.ndim - 1) for i in range(n_blocks)] for a in live]
+    held = [{f.key: f for f in futures_of(a)} for a in live]
+    x_held = all(key in held[0] for key in keys[0])
+    slots = (_held_slots([held[0][key] for key in keys[0]], client) if x_held
+             else block_slots(n_blocks, client))
     where = [addr for addr, _ in slots]
     names, sources = [], []
-    for a in live:
-        keys = [(a.name, i) + (0,) * (a.ndim - 1) for i in range(n_blocks)]
-        held = {f.key: f for f in futures_of(a)}
-        if all(key in held for key in keys):  # already in the cluster's memory
+    for j, a in enumerate(live):
+        if j == 0 and x_held:
+            names.append(a.name)
+            sources.append(None)
+        elif all(key in held[j] for key in keys[j]):  # persisted by the caller, elsewhere
             name = f"placed-{dask.base.tokenize(a.name, where)}"
             same = dask.delayed(_same_block, pure=True)
-            sources.append([same(held[key], dask_key_name=(name,) + key[1:]) for key in keys])
+            names.append(name)
+            sources.append([same(held[j][key], dask_key_name=(name,) + key[1:])
+                            for key in keys[j]])
         else:  # the block keeps its key in the array's graph
-            name = a.name
-            sources.append([Delayed(key, a.__dask_graph__(), layer=a.name) for key in keys])
-        names.append(name)
-    per_block = [client.persist([s[i] for s in sources], workers=[addr], allow_other_workers=True)
-                 for i, addr in enumerate(where)]
+            names.append(a.name)
+            sources.append([Delayed(key, a.__dask_graph__(), layer=a.name) for key in keys[j]])
+    futures = [[held[j].get(key) if sources[j] is None else None for key in keys[j]]
+               for j in range(len(live))]
+    # one persist per worker, of every block it is to hold
+    for addr in sorted(set(where)):
+        mine = [i for i in range(n_blocks) if where[i] == addr]
+        todo = [(j, i) for j in range(len(live)) if sources[j] is not None for i in mine]
+        if not todo:
+            continue
+        done = client.persist([sources[j][i] for j, i in todo], workers=[addr],
+                              allow_other_workers=True)
+        for (j, i), value in zip(todo, done):
+            (futures[j][i],) = futures_of(value)
     out = []
     for j, (a, name) in enumerate(zip(live, names)):
-        layer = {}
-        for i in range(n_blocks):
-            (future,) = futures_of(per_block[i][j])
-            layer[future.key] = future
+        layer = {f.key: f for f in futures[j]}
         graph = HighLevelGraph.from_collections(name, layer, dependencies=())
         placed = da.Array(graph, name, a.chunks, dtype=a.dtype, meta=a._meta)
-        # which worker thread each block is for: passes map one task per thread's blocks
-        placed._dmlkit_slots = slots
+        placed._dmlkit_slots = slots  # which worker thread holds each block
         out.append(placed)
     it = iter(out)
     return [None if a is None else next(it) for a in arrays]

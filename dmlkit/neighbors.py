@@ -222,7 +222,7 @@ class _NeighborsBase(BaseEstimator):
                        dimension_names=("list", "feature"))[...] = centroids
         blocks = _graph.RowBlocks(Xb, None, yb)
         passes = _graph.Passes(blocks, self.split_every, check=lambda s: data.check_stats(
-            s, blocks.row_chunks, False, supervised=yb is not None))
+            s, X_in.chunks[0], False, supervised=yb is not None))
         counts = passes.run(_write_ivf_block, K.add,
                             {"path": path, "centroids": centroids, "metric": self.metric},
                             name="knn-ivf-write")
@@ -286,6 +286,7 @@ class _NeighborsBase(BaseEstimator):
             Qd = self._queries(Q)
             lazy, k_search = data.is_lazy(Q), k
         data_X = self._ivf["rows"] if self.algorithm == "ivf" else self._fit_X
+        Q_probe = None  # the queries for choosing the IVF lists, when chunked differently
         if isinstance(Qd, np.ndarray):
             K.check_finite_queries(Qd, 0)
             # enough query blocks that the tiles keep every worker thread busy; IVF tiles
@@ -295,7 +296,14 @@ class _NeighborsBase(BaseEstimator):
             rows = min(max(-(-Qd.shape[0] // want), MIN_QUERY_ROWS), MAX_QUERY_ROWS)
             import dask.array as da
 
-            Qd = da.from_array(K.prepare_queries(Qd, self.metric), chunks=(rows, Qd.shape[1]))
+            prepared = K.prepare_queries(Qd, self.metric)
+            Qd = da.from_array(prepared, chunks=(rows, Qd.shape[1]))
+            threads = data._total_threads()
+            if self.algorithm == "ivf" and Qd.numblocks[0] < threads:
+                # choosing the lists is per query: one independent block per worker thread
+                # (the scheduler spreads them), the tiles then take Qd's blocks
+                Q_probe = da.from_array(prepared, chunks=(-(-prepared.shape[0] // threads),
+                                                          prepared.shape[1]))
         else:  # validated (when computed) and prepared block by block
             dtype = Qd.dtype if Qd.dtype == np.float32 and self.metric != "cosine" else np.float64
             Qd = _graph.map_row_blocks(Qd, K.query_block, {"metric": self.metric}, dtype,
@@ -307,8 +315,10 @@ class _NeighborsBase(BaseEstimator):
             _integer("n_probe", n_probe, 1)
             n_probe = min(n_probe, self.n_lists_)
             probes = _graph.map_row_blocks(
-                Qd, IVF.probes_block, {"centroids": self.cluster_centers_, "n_probe": n_probe},
-                np.int64, n_probe)
+                Qd if Q_probe is None else Q_probe, IVF.probes_block,
+                {"centroids": self.cluster_centers_, "n_probe": n_probe}, np.int64, n_probe)
+            if Q_probe is not None:
+                probes = probes.rechunk({0: Qd.chunks[0]})
             parts = _graph.tiles(
                 data_X, [Qd, probes], IVF.ivf_tile, K.merge_neighbors,
                 {"k": k_search, "metric": self.metric, "centroids": self.cluster_centers_,

@@ -141,12 +141,13 @@ class _BaseSGD(BaseEstimator):
 
     # ---------------------------------------------------------------- state
     def _start(self, blocks: _graph.RowBlocks, n_features: int, n_classes: int,
-               sample: np.ndarray | None = None) -> None:
+               sample: np.ndarray | None = None, seed: int | None = None) -> None:
         """Fresh parameters, counters and learning rate; assumes validated parameters.
 
-        ``sample`` is :meth:`_eta0_sample`'s rows when already computed.
+        ``sample`` is :meth:`_eta0_sample`'s rows when already computed, drawn
+        with ``seed`` (else a seed is drawn from ``random_state`` here).
         """
-        self._seed = _integer_seed(self.random_state)
+        self._seed = _integer_seed(self.random_state) if seed is None else seed
         self._theta = np.zeros(n_params(self._family, n_features, n_classes, self.fit_intercept))
         self.t_ = 0.0
         self.n_iter_ = 0
@@ -161,20 +162,19 @@ class _BaseSGD(BaseEstimator):
         return (isinstance(self.eta0, str) and self.eta0 == "auto"
                 and self.learning_rate != "optimal")
 
-    def _eta0_sample(self, X_in) -> Any:
+    def _eta0_sample(self, X_in, seed: int) -> Any:
         """The rows ``eta0="auto"`` is estimated from, lazily: the first
         :data:`CURVATURE_SAMPLE_ROWS` rows of the first shard of a fresh fit's
-        first epoch, in visiting order (None when ``eta0`` is not "auto")."""
+        first epoch with ``seed``, in visiting order (None when ``eta0`` is
+        not "auto")."""
         if not self._auto_eta0():
             return None
         n = X_in.shape[0]
-        first = int(kernels.shard_order(-(-n // self.shard_rows),
-                                        _integer_seed(self.random_state), 0, self.shuffle, 0)[0])
+        first = int(kernels.shard_order(-(-n // self.shard_rows), seed, 0, self.shuffle, 0)[0])
         start = first * self.shard_rows
         # on a worker that holds the shard: only the sample's rows travel
         return dask.delayed(_curvature_sample, pure=True)(
-            X_in[start : start + self.shard_rows], start, _integer_seed(self.random_state), 0,
-            self.shuffle)
+            X_in[start : start + self.shard_rows], start, seed, 0, self.shuffle)
 
     def _initial_eta0(self, blocks: _graph.RowBlocks, sample: np.ndarray | None = None) -> float:
         if not (isinstance(self.eta0, str) and self.eta0 == "auto"):
@@ -511,15 +511,16 @@ class SGDClassifier(ClassifierMixin, LinearClassifierMixin, _BaseSGD):
         self._check_params()
         self._check_loss()
         X_in, y_in, _ = prepare_supervised(X, y, None)
+        seed = _integer_seed(self.random_state)  # drawn once per fit
         # the step size's sample rows come in the same round trip as the classes
-        lazy = self._eta0_sample(X_in)
+        lazy = self._eta0_sample(X_in, seed)
         classes, counts, *sample = find_classes(y_in, "SGDClassifier",
                                                 *([lazy] if lazy is not None else []))
         self.classes_ = classes
         self._set_family(classes.size)
         X_in, y_idx, w_fit = self._labelled(X, y, sample_weight, classes, counts)
         blocks = self._blocks(X_in, y_idx, w_fit, X)
-        self._start(blocks, X_in.shape[1], classes.size, sample[0] if sample else None)
+        self._start(blocks, X_in.shape[1], classes.size, sample[0] if sample else None, seed)
         self._fit(blocks)
         return self
 

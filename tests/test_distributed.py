@@ -177,7 +177,7 @@ def test_cached_blocks_are_spread_evenly_next_to_their_rows(client, store):
     assert_array_equal(yc.compute(), np.arange(X.shape[0]))
 
 
-def test_arrays_persisted_elsewhere_are_placed_too(client, store):
+def test_a_persisted_X_stays_put_and_y_joins_it(client, store):
     from distributed import futures_of, wait
 
     from dmlkit import data
@@ -193,8 +193,10 @@ def test_arrays_persisted_elsewhere_are_placed_too(client, store):
     Xc, (yc,), _ = data.cache(Xp, [yp], True, Xp)
     wait(futures_of(Xc) + futures_of(yc))
     holders = client.who_has(futures_of(Xc) + futures_of(yc))
+    assert Xc.name == Xp.name  # the same blocks: no copy of X
     x_at = [holders[(Xc.name, i, 0)] for i in range(2)]
-    assert x_at == [holders[(yc.name, i)] for i in range(2)]
-    assert sorted(w for (w,) in x_at) == workers
+    assert x_at == [(workers[0],)] * 2
+    assert x_at == [holders[(yc.name, i)] for i in range(2)]  # y moved next to X
+    assert Xc._dmlkit_slots == [(workers[0], 0), (workers[0], 0)]
     assert_array_equal(Xc.compute(), X)
     assert_array_equal(yc.compute(), np.arange(X.shape[0]))

@@ -182,14 +182,32 @@ def test_grouped_passes_give_the_bits_of_the_tree(split_every):
             Xd._dmlkit_slots = slots
         return _graph.RowBlocks(Xd, da.from_array(w, chunks=37), da.from_array(y, chunks=37))
 
-    plain = blocks().reduce(_weighted_target_sums, add, {}, split_every)
-    placed = blocks([("a", 0)] * 10 + [("a", 1)] * 9 + [("b", 0)] * 9)
-    assert placed.groups == [list(range(10)), list(range(10, 19)), list(range(19, 28))]
-    grouped = placed.reduce(_weighted_target_sums, add, {}, split_every)
-    assert len(grouped.__dask_keys__()) == 3  # one task per worker thread
-    (a,), (b,) = _graph.compute(plain), _graph.compute(grouped)
-    assert_array_equal(a, b)  # the same operations in the same order
-    assert_allclose(a[:3], (X * w[:, None]).sum(0), rtol=1e-6)
+    (plain,) = _graph.compute(blocks().reduce(_weighted_target_sums, add, {}, split_every))
+    assert_allclose(plain[:3], (X * w[:, None]).sum(0), rtol=1e-6)
+    runs = blocks([("a", 0)] * 10 + [("a", 1)] * 9 + [("b", 0)] * 9)
+    assert runs.groups == [list(range(10)), list(range(10, 19)), list(range(19, 28))]
+    interleaved = blocks([("a", 0), ("b", 0)] * 14)  # as the scheduler may have put them
+    assert interleaved.groups == [list(range(0, 28, 2)), list(range(1, 28, 2))]
+    for placed in (runs, interleaved):
+        grouped = placed.reduce(_weighted_target_sums, add, {}, split_every)
+        assert len(grouped.__dask_keys__()) == len(placed.groups)  # one task per thread
+        (got,) = _graph.compute(grouped)
+        assert_array_equal(got, plain)  # the same operations in the same order
+
+
+def test_groups_send_their_whole_subtrees_not_every_block():
+    def concat(a, b):
+        return a + b
+
+    records = {b: [b] for b in range(10, 19)}
+    nodes = _graph.fold_held(records, list(range(10, 19)), 28, concat, 3)
+    # blocks 12..17 form two level-1 nodes (9..11 is not held whole), 18 stays alone;
+    # 9..17 would be a level-2 node but block 9 is not held
+    assert nodes == {(0, 10): [10], (0, 11): [11], (1, 4): [12, 13, 14],
+                     (1, 5): [15, 16, 17], (0, 18): [18]}
+    whole = _graph.fold_held({b: [b] for b in range(28)}, list(range(28)), 28, concat, 3)
+    # 28 -> 10 -> 4 -> 2 records: the level of 2 is the root's, its nodes are tasks' work
+    assert whole == {(3, 0): list(range(27)), (3, 1): [27]}
 
 
 def test_one_block_per_slot_needs_no_groups():

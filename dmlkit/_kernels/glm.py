@@ -25,6 +25,8 @@ from dmlkit._kernels.kmeans import _as_float
 
 #: Rows per sub-block inside a chunk.
 SUB_BLOCK_ROWS = 8192
+#: Largest float64 copy of a sub-block that ``glm_partial(precise=True)`` makes.
+PRECISE_BUFFER_BYTES = 4 * 2**20
 
 
 class GLMPartial(NamedTuple):
@@ -202,9 +204,13 @@ def glm_partial(
     # one buffer for the float64 copies of the sub-blocks: a fresh one each time costs page
     # faults where large temporaries are mmap-ed (dask workers' default malloc settings)
     # sub-blocks: float32 products are flushed into float64 sums every few thousand rows; with
-    # several outputs, fewer rows, so that each (rows, k) temporary stays under 128 KiB
+    # several outputs, fewer rows (each (rows, k) temporary under 128 KiB up to k = 16)
     step = max(1024, SUB_BLOCK_ROWS // k)
-    wide = np.empty((min(n, step), d)) if precise and X.dtype != np.float64 else None
+    if precise and X.dtype != np.float64:  # the float64 copy of a sub-block: at most 4 MiB
+        step = max(64, min(step, PRECISE_BUFFER_BYTES // (8 * max(d, 1))))
+        wide = np.empty((min(n, step), d))
+    else:
+        wide = None
     for s in range(0, n, step):
         Xb, wb, yb = X[s : s + step], wf[s : s + step], y[s : s + step]
         if wide is not None:
