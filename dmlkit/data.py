@@ -402,6 +402,7 @@ def persist_placed(arrays: Sequence[da.Array | None], client) -> list[da.Array |
     that passes map one task per thread (:class:`dmlkit._graph.RowBlocks`).
     """
     from dask.delayed import Delayed
+    from dask.optimization import cull
     from distributed import futures_of
 
     live = [a for a in arrays if a is not None]
@@ -424,9 +425,11 @@ def persist_placed(arrays: Sequence[da.Array | None], client) -> list[da.Array |
             names.append(name)
             sources.append([same(held[j][key], dask_key_name=(name,) + key[1:])
                             for key in keys[j]])
-        else:  # the block keeps its key in the array's graph
+        else:  # the block keeps its key in the array's graph, optimised as arrays are
+            # (a key computed elsewhere under another fusion would confuse the scheduler)
+            optimized = dict(dask.optimize(a)[0].__dask_graph__())
             names.append(a.name)
-            sources.append([Delayed(key, a.__dask_graph__(), layer=a.name) for key in keys[j]])
+            sources.append([Delayed(key, optimized) for key in keys[j]])
     futures = [[held[j].get(key) if sources[j] is None else None for key in keys[j]]
                for j in range(len(live))]
     # one persist per worker, of every block it is to hold
@@ -435,8 +438,16 @@ def persist_placed(arrays: Sequence[da.Array | None], client) -> list[da.Array |
         todo = [(j, i) for j in range(len(live)) if sources[j] is not None for i in mine]
         if not todo:
             continue
-        done = client.persist([sources[j][i] for j, i in todo], workers=[addr],
-                              allow_other_workers=True)
+        graph, merged = {}, set()
+        for j, i in todo:
+            part = sources[j][i].__dask_graph__()
+            if id(part) not in merged:
+                merged.add(id(part))
+                graph.update(part)
+        wanted = [sources[j][i].key for j, i in todo]
+        graph, _ = cull(graph, wanted)  # only what this worker's blocks need
+        done = client.persist([Delayed(key, graph) for key in wanted], workers=[addr],
+                              allow_other_workers=True, optimize_graph=False)
         for (j, i), value in zip(todo, done):
             (futures[j][i],) = futures_of(value)
     out = []
