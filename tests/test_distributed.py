@@ -200,3 +200,17 @@ def test_a_persisted_X_stays_put_and_y_joins_it(client, store):
     assert Xc._dmlkit_slots == [(workers[0], 0), (workers[0], 0)]
     assert_array_equal(Xc.compute(), X)
     assert_array_equal(yc.compute(), np.arange(X.shape[0]))
+
+
+def test_cached_and_streamed_fits_give_the_same_bits(client, tmp_path):
+    # chunks of 8 MiB are kept by the cache: a pass then maps one task per worker thread,
+    # which folds the subtrees it holds, and the caller the rest of the same tree
+    rng = np.random.default_rng(5)
+    rows = 8 * 2**20 // (16 * 4)
+    X = (rng.standard_normal((4 * rows, 16)) + rng.integers(0, 3, (4 * rows, 1)) * 4)
+    path = write_store(tmp_path / "big.zarr", X.astype(np.float32), chunk_rows=rows)
+    init = X[:3].astype(np.float64)
+    streamed = KMeans(3, init=init, max_iter=5, tol=0, cache=False, split_every=3).fit(path)
+    cached = KMeans(3, init=init, max_iter=5, tol=0, cache=True, split_every=3).fit(path)
+    assert_array_equal(cached.cluster_centers_, streamed.cluster_centers_)
+    assert cached.inertia_ == streamed.inertia_
