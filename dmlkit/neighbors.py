@@ -571,7 +571,25 @@ class NearestNeighbors(_NeighborsBase):
 
 
 class _SupervisedMixin:
-    """predict / score for the classifier and the regressor."""
+    """The parameters, predict and score of the classifier and the regressor."""
+
+    def __init__(self, n_neighbors: int = 5, *, weights: Any = "uniform",
+                 algorithm: str = "brute", metric: str = "euclidean",
+                 n_lists: int | None = None, n_probe: int | None = None,
+                 split_every: int | None = None, cache: bool | str = "auto",
+                 index_path: str | os.PathLike | None = None, random_state: Any = None,
+                 progress: bool = False):
+        self.n_neighbors = n_neighbors
+        self.weights = weights
+        self.algorithm = algorithm
+        self.metric = metric
+        self.n_lists = n_lists
+        self.n_probe = n_probe
+        self.split_every = split_every
+        self.cache = cache
+        self.index_path = index_path
+        self.random_state = random_state
+        self.progress = progress
 
     def _predict_blocks(self, Q: Any, func, dtype, n_columns=None, extra=None):
         parts, n_rows, finish, lazy = self._search(Q, None, with_values=True)
@@ -624,24 +642,6 @@ class KNeighborsClassifier(_SupervisedMixin, ClassifierMixin, _NeighborsBase):
     """
 
     _values = "classes"
-
-    def __init__(self, n_neighbors: int = 5, *, weights: Any = "uniform",
-                 algorithm: str = "brute", metric: str = "euclidean",
-                 n_lists: int | None = None, n_probe: int | None = None,
-                 split_every: int | None = None, cache: bool | str = "auto",
-                 index_path: str | os.PathLike | None = None, random_state: Any = None,
-                 progress: bool = False):
-        self.n_neighbors = n_neighbors
-        self.weights = weights
-        self.algorithm = algorithm
-        self.metric = metric
-        self.n_lists = n_lists
-        self.n_probe = n_probe
-        self.split_every = split_every
-        self.cache = cache
-        self.index_path = index_path
-        self.random_state = random_state
-        self.progress = progress
 
     def fit(self, X: Any, y: Any = None) -> "KNeighborsClassifier":
         """Index the rows of ``X`` with their labels ``y`` (None: the store's ``y``).
@@ -718,24 +718,6 @@ class KNeighborsRegressor(_SupervisedMixin, RegressorMixin, _NeighborsBase):
     """
 
     _values = "targets"
-
-    def __init__(self, n_neighbors: int = 5, *, weights: Any = "uniform",
-                 algorithm: str = "brute", metric: str = "euclidean",
-                 n_lists: int | None = None, n_probe: int | None = None,
-                 split_every: int | None = None, cache: bool | str = "auto",
-                 index_path: str | os.PathLike | None = None, random_state: Any = None,
-                 progress: bool = False):
-        self.n_neighbors = n_neighbors
-        self.weights = weights
-        self.algorithm = algorithm
-        self.metric = metric
-        self.n_lists = n_lists
-        self.n_probe = n_probe
-        self.split_every = split_every
-        self.cache = cache
-        self.index_path = index_path
-        self.random_state = random_state
-        self.progress = progress
 
     def fit(self, X: Any, y: Any = None) -> "KNeighborsRegressor":
         """Index the rows of ``X`` with their targets ``y`` (None: the store's ``y``).
