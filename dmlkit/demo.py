@@ -114,10 +114,26 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _per_pass_axes(ax) -> None:
+    """Integer ticks along x (iterations, passes), a light grid, a small legend."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+
+
+def _save(fig, path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_convergence(histories: dict[str, list[dict]], path: str) -> None:
     """Inertia and squared centre shift per Lloyd iteration (shift on a log scale)."""
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     zeros = False
@@ -133,12 +149,8 @@ def plot_convergence(histories: dict[str, list[dict]], path: str) -> None:
     ax2.set(xlabel="iteration", ylabel="sum of squared centre shifts",
             title="Centre shift" + (" (exact zeros not shown)" if zeros else ""))
     for ax in (ax1, ax2):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        _per_pass_axes(ax)
+    _save(fig, path)
 
 
 def plot_clusters(X: np.ndarray, labels: np.ndarray, centers: np.ndarray,
@@ -160,9 +172,7 @@ def plot_clusters(X: np.ndarray, labels: np.ndarray, centers: np.ndarray,
     ax.set(xlabel="PC 1", ylabel="PC 2",
            title=f"{len(X):,} sampled rows, coloured by predicted cluster")
     ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 # ------------------------------------------------------------------ classification families
@@ -256,7 +266,6 @@ def plot_linear_convergence(newton: list[dict], f_star: float, sgd_rounds: list[
                             sgd_sklearn: list[tuple[int, float]], title: str, path: str) -> None:
     """Relative objective gap against passes: Newton iterations, SGD rounds, sklearn SGD epochs."""
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     floor = 1e-12  # a gap at or below float64 rounding is drawn here
     gap = lambda f: max((f - f_star) / abs(f_star), floor)  # noqa: E731
@@ -274,12 +283,8 @@ def plot_linear_convergence(newton: list[dict], f_star: float, sgd_rounds: list[
            ylabel="(objective - optimum) / optimum", title=title)
     ax.text(0.99, 0.98, f"gaps below {floor:g} drawn at {floor:g}", transform=ax.transAxes,
             ha="right", va="top", fontsize=7, color="grey")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _per_pass_axes(ax)
+    _save(fig, path)
 
 
 def plot_coefficients(fits: dict[str, np.ndarray], true_coef: np.ndarray | None,
@@ -299,9 +304,7 @@ def plot_coefficients(fits: dict[str, np.ndarray], true_coef: np.ndarray | None,
     ax.set(xlabel="feature", ylabel="coefficient", title="Logistic regression coefficients")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def run_classification(args: argparse.Namespace, in_memory: bool) -> tuple[list[str], list[str]]:

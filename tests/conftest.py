@@ -16,6 +16,15 @@ def _sync_scheduler(request):
 
 
 @pytest.fixture
+def no_scheduler_variables(monkeypatch):
+    """The machine running the tests may point at a real cluster: start from no variables."""
+    from _processes import SCHEDULER_VARIABLES
+
+    for name in SCHEDULER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
 def blobs():
     """20,000 x 5 float32 blobs around 6 centres, and the centres."""
     rng = np.random.default_rng(0)

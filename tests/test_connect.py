@@ -15,19 +15,9 @@ from distributed import Client, LocalCluster, Worker
 from distributed.deploy.utils import nprocesses_nthreads
 from distributed.system import MEMORY_LIMIT
 
-from _processes import SCHEDULER_VARIABLES
 from dmlkit.connect import ClusterStartError, SchedulerConnectionError, connect
 
-pytestmark = pytest.mark.cluster
-
-ENV_VARS = SCHEDULER_VARIABLES  # where connect() looks
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch):
-    """The machine running the tests may point at a real cluster: start from no variables."""
-    for name in ENV_VARS:
-        monkeypatch.delenv(name, raising=False)
+pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("no_scheduler_variables")]
 
 
 @pytest.fixture

@@ -19,18 +19,10 @@ from numpy.testing import assert_array_equal
 import dmlkit
 from dmlkit import KMeans
 from dmlkit.connect import SchedulerConnectionError, SchedulerVersionError, connect
-from _processes import ROOT, SCHEDULER_VARIABLES, dask_scheduler, dask_workers, execute_notebook, notebook_env
+from _processes import ROOT, dask_scheduler, dask_workers, execute_notebook, notebook_env
 from conftest import write_store
 
-pytestmark = pytest.mark.cluster
-
-ENV_VARS = SCHEDULER_VARIABLES  # where connect() looks
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch):
-    for name in ENV_VARS:
-        monkeypatch.delenv(name, raising=False)
+pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("no_scheduler_variables")]
 
 
 @pytest.fixture(scope="module")
