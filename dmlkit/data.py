@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections import Counter
 from typing import Any, Sequence
 
 import dask
@@ -377,12 +378,11 @@ def _held_slots(futures: list, client) -> list[tuple[str, int]]:
     nthreads = {addr: max(1, info.get("nthreads", 1)) for addr, info in
                 client.scheduler_info(n_workers=-1)["workers"].items()}
     where = [sorted(holders.get(f.key) or ["?"])[0] for f in futures]
-    slots, seen = [], {}
+    total = Counter(where)
+    slots, seen = [], Counter()
     for addr in where:
-        total = where.count(addr)
-        j = seen.get(addr, 0)
-        seen[addr] = j + 1
-        slots.append((addr, j * nthreads.get(addr, 1) // total))
+        slots.append((addr, seen[addr] * nthreads.get(addr, 1) // total[addr]))
+        seen[addr] += 1
     return slots
 
 
