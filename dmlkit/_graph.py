@@ -116,15 +116,16 @@ def _fold_groups(results: Sequence[dict], combine: Callable, fan_in: int, n: int
     return _fold(combine, [nodes[(top, i)] for i in range(counts[top])])
 
 
-def groups_of(slots: Sequence | None) -> list[list[int]] | None:
-    """The blocks of each worker thread (in block order), or None when each holds one block."""
+def groups_of(slots: Sequence | None, single: bool = False) -> list[list[int]] | None:
+    """The blocks of each worker thread (in block order), or None when each holds one block
+    (unless ``single``) or ``slots`` is None."""
     if not slots:
         return None
     groups: dict = {}
     for i, slot in enumerate(slots):
         groups.setdefault(slot, []).append(i)
     out = sorted(groups.values())
-    return out if len(out) < len(slots) else None
+    return out if single or len(out) < len(slots) else None
 
 
 def _nbytes(value: Any) -> int:
@@ -158,19 +159,42 @@ class Reduction(DaskMethodsMixin):
     most ``split_every`` records under the root, or (with ``fan_in`` set) one
     set of subtrees per group of blocks, whose missing nodes are folded here
     too, each from at most ``split_every`` records.
+
+    ``build`` returns ``(parts, name)``; it is called when the graph is first
+    needed, which a pass run by resident actors never does.
     """
 
-    __slots__ = ("parts", "combine", "name", "fan_in", "n_blocks")
+    __slots__ = ("_build", "_built", "combine", "fan_in", "n_blocks", "resident", "job")
 
-    def __init__(self, parts: Sequence, combine: Callable, name: str, fan_in: int | None = None,
-                 n_blocks: int | None = None):
-        self.parts = list(parts)
+    def __init__(self, build: Callable[[], tuple[list, str]], combine: Callable,
+                 fan_in: int | None = None, n_blocks: int | None = None, resident: Any = None,
+                 job: tuple | None = None):
+        self._build = build
+        self._built: tuple[list, str] | None = None
         self.combine = combine
-        self.name = name
         #: set when each part is a group's subtrees ({(level, index): record}); the tree's
         #: missing nodes and its root are then folded here
         self.fan_in = fan_in
         self.n_blocks = n_blocks
+        #: the blocks' resident actors (:mod:`dmlkit._resident`) and this pass's
+        #: ``(kernel, params, combine, fan_in)``: :func:`compute` may run it there
+        self.resident = resident
+        self.job = job
+
+    def _graph_parts(self) -> tuple[list, str]:
+        if self._built is None:
+            parts, name = self._build()
+            self._built = (list(parts), name)
+        return self._built
+
+    @property
+    def parts(self) -> list:
+        """The delayed records the caller folds."""
+        return self._graph_parts()[0]
+
+    @property
+    def name(self) -> str:
+        return self._graph_parts()[1]
 
     def __dask_graph__(self):
         return HighLevelGraph.merge(*[p.__dask_graph__() for p in self.parts])
@@ -313,7 +337,10 @@ class RowBlocks:
         if self.offsets.shape != (self.n_blocks,):
             raise ValueError(f"offsets has shape {self.offsets.shape}; expected ({self.n_blocks},)")
         self._args = [X] + [v[:, None] for v in (sample_weight, y) if v is not None]
-        self.groups = groups_of(getattr(X, "_dmlkit_slots", None))
+        #: which worker thread holds each block, when known (a placed copy)
+        self.slots = getattr(X, "_dmlkit_slots", None)
+        self.groups = groups_of(self.slots)
+        self._holders: Any = False  # not created yet
 
     @property
     def n_blocks(self) -> int:
@@ -359,7 +386,7 @@ class RowBlocks:
         )
         return list(parts.to_delayed(optimize_graph=True).ravel()), token
 
-    def _grouped_reduce(self, kernel, combine, params, fan_in: int, name: str) -> Reduction:
+    def _grouped_parts(self, kernel, combine, params, fan_in: int, name: str):
         """One task per group of blocks; the tree folded where the result is computed."""
         shipped = ship(params if params is not None else {})
         token = dask.base.tokenize(kernel, shipped, combine, fan_in, self.groups,
@@ -373,8 +400,31 @@ class RowBlocks:
             parts.append(task(kernel, shipped, members, [int(self.offsets[i]) for i in members],
                               xs, ws, ys, combine=combine, fan_in=fan_in, n_blocks=self.n_blocks,
                               dask_key_name=(f"{name}-map-{token}", g)))
-        return Reduction(parts, combine, f"{name}-reduce-{token}", fan_in=fan_in,
-                         n_blocks=self.n_blocks)
+        return parts, f"{name}-reduce-{token}"
+
+    def _tree_parts(self, kernel, combine, params, fan_in: int, name: str):
+        """The tree of tasks up to the at most ``fan_in`` records under the root."""
+        parts, token = self.partials(kernel, params, name)
+        # the tree's keys depend on everything that shapes it
+        token = dask.base.tokenize(token, combine, fan_in)
+        level = 0
+        fold = dask.delayed(_fold_all, pure=True)
+        while len(parts) > fan_in:
+            parts = [
+                group[0] if len(group) == 1 else
+                fold(combine, *group, dask_key_name=(f"{name}-combine-{token}", level, i))
+                for i, group in enumerate(parts[j : j + fan_in] for j in range(0, len(parts), fan_in))
+            ]
+            level += 1
+        return parts, f"{name}-reduce-{token}"
+
+    def _resident(self):
+        """The blocks' resident actors (created at the first pass), or None."""
+        if self._holders is False:
+            from dmlkit import _resident
+
+            self._holders = _resident.create(self)
+        return self._holders
 
     def reduce(
         self,
@@ -391,21 +441,13 @@ class RowBlocks:
         the graph once as one literal key (:func:`ship`).
         """
         fan_in = check_split_every(split_every)
+        job = (kernel, params if params is not None else {}, combine, fan_in)
         if self.groups is not None:
-            return self._grouped_reduce(kernel, combine, params, fan_in, name)
-        parts, token = self.partials(kernel, params, name)
-        # the tree's keys depend on everything that shapes it
-        token = dask.base.tokenize(token, combine, fan_in)
-        level = 0
-        fold = dask.delayed(_fold_all, pure=True)
-        while len(parts) > fan_in:
-            parts = [
-                group[0] if len(group) == 1 else
-                fold(combine, *group, dask_key_name=(f"{name}-combine-{token}", level, i))
-                for i, group in enumerate(parts[j : j + fan_in] for j in range(0, len(parts), fan_in))
-            ]
-            level += 1
-        return Reduction(parts, combine, f"{name}-reduce-{token}")
+            return Reduction(lambda: self._grouped_parts(kernel, combine, params, fan_in, name),
+                             combine, fan_in=fan_in, n_blocks=self.n_blocks,
+                             resident=self._resident(), job=job)
+        return Reduction(lambda: self._tree_parts(kernel, combine, params, fan_in, name),
+                         combine, n_blocks=self.n_blocks, resident=self._resident(), job=job)
 
 
 def _transform_block(block, transform, offsets, params, block_id=None):
@@ -461,8 +503,31 @@ class Passes:
 
 
 def compute(*results):
-    """The one synchronisation point: compute delayed results together."""
+    """The one synchronisation point: compute delayed results together.
+
+    Passes over blocks the workers hold (:class:`Reduction` records with
+    resident actors) are sent to those actors directly when they are all
+    passes over the same blocks and the actors' client is the scheduler in
+    use (see :mod:`dmlkit._resident`); anything else, or a failure there,
+    goes through ``dask.compute``.
+    """
+    resident = _common_resident(results)
+    if resident is not None:
+        parts = resident.run([r.job for r in results])
+        if parts is not None:
+            return tuple(_fold_groups(p, r.combine, r.job[3], r.n_blocks)
+                         for p, r in zip(parts, results))
     return dask.compute(*results)
+
+
+def _common_resident(results: Sequence):
+    if not results or not all(isinstance(r, Reduction) and r.resident is not None
+                              for r in results):
+        return None
+    resident = results[0].resident
+    if any(r.resident is not resident for r in results):
+        return None
+    return resident if dask.base.get_scheduler() == resident.client.get else None
 
 
 def _tile_block(x, offset, *rest, kernel, n_queries, row_names):

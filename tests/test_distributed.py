@@ -59,7 +59,7 @@ def test_numpy_input_is_scattered_and_fits(client, store):
     assert_allclose(km.cluster_centers_, ref.cluster_centers_, rtol=1e-6, atol=1e-6)
 
 
-def test_worker_killed_mid_fit_changes_nothing(client, store, monkeypatch):
+def test_worker_killed_mid_fit_changes_nothing(client, store, monkeypatch, resident_calls):
     X, path = store
     init = X[:5].astype(np.float64)
     params = dict(init=init, max_iter=12, tol=0)
@@ -82,6 +82,8 @@ def test_worker_killed_mid_fit_changes_nothing(client, store, monkeypatch):
     monkeypatch.setattr(K, "update_centers", update_and_sabotage)
     km = KMeans(5, cache=True, **params).fit(path)
     assert calls["n"] == 12
+    # passes ran on the resident actors until the kill, then as tasks
+    assert resident_calls[1] and not resident_calls[-1]
     assert_array_equal(km.cluster_centers_, ref.cluster_centers_)
     assert km.inertia_ == ref.inertia_
     client.wait_for_workers(2, timeout=60)  # the nanny restarted it...
@@ -115,7 +117,7 @@ def test_logistic_regression_on_cluster_equals_sync(client, classification_store
 
 
 def test_worker_killed_during_logistic_fit_changes_nothing(client, classification_store,
-                                                           monkeypatch):
+                                                           monkeypatch, resident_calls):
     from dmlkit import LogisticRegression
 
     params = dict(solver="newton", cache=True)
@@ -135,6 +137,7 @@ def test_worker_killed_during_logistic_fit_changes_nothing(client, classificatio
     monkeypatch.setattr(np.linalg, "solve", solve_and_sabotage)
     ours = LogisticRegression(**params).fit(classification_store)
     assert calls["n"] >= 3
+    assert any(resident_calls) and not resident_calls[-1]
     assert_array_equal(ours.coef_, ref.coef_)
     client.wait_for_workers(2, timeout=60)
     assert victim not in client.scheduler_info()["workers"]
@@ -214,3 +217,70 @@ def test_cached_and_streamed_fits_give_the_same_bits(client, tmp_path):
     cached = KMeans(3, init=init, max_iter=5, tol=0, cache=True, split_every=3).fit(path)
     assert_array_equal(cached.cluster_centers_, streamed.cluster_centers_)
     assert cached.inertia_ == streamed.inertia_
+
+
+@pytest.fixture
+def resident_calls(monkeypatch):
+    """Records, per pass offered to resident actors, whether they served it."""
+    from dmlkit import _resident
+
+    served = []
+    original = _resident.Resident.run
+
+    def spy(self, jobs):
+        out = original(self, jobs)
+        served.append(out is not None)
+        return out
+
+    monkeypatch.setattr(_resident.Resident, "run", spy)
+    return served
+
+
+def _actors_alive(client) -> int:
+    return sum(client.run(lambda dask_worker: len(dask_worker.state.actors)).values())
+
+
+def test_cached_passes_run_on_resident_actors_with_the_same_bits(client, store, resident_calls):
+    import gc
+    import time
+
+    X, path = store
+    params = dict(init=X[:5].astype(np.float64), max_iter=8, tol=0, cache=True)
+    ours = KMeans(5, **params).fit(path)
+    # the actors are created with the first pass (which runs as tasks), then serve the rest
+    assert sum(resident_calls) >= ours.n_passes_ - 2
+    with dask.config.set({"dmlkit.resident-passes": False}):
+        tasks = KMeans(5, **params).fit(path)
+    assert sum(resident_calls) >= ours.n_passes_ - 2  # none offered when turned off
+    with dask.config.set(scheduler="sync"):
+        ref = KMeans(5, **params).fit(path)
+    for other in (tasks, ref):
+        assert_array_equal(ours.cluster_centers_, other.cluster_centers_)
+        assert ours.inertia_ == other.inertia_
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while _actors_alive(client) and time.monotonic() < deadline:  # released with the fit
+        time.sleep(0.05)
+    assert _actors_alive(client) == 0
+
+
+def test_a_kernel_error_on_resident_actors_is_raised_by_the_tasks(client, store, resident_calls):
+    from dmlkit import _graph, data
+
+    X, path = store
+    Xc, _, _ = data.cache(data.as_matrix(path), [], True, path)
+    blocks = _graph.RowBlocks(Xc)
+    centers = X[:3].astype(np.float64)
+    (first,) = _graph.compute(blocks.reduce(K.lloyd_partial, K.combine_lloyd,
+                                            {"centers": centers}))
+    (second,) = _graph.compute(blocks.reduce(K.lloyd_partial, K.combine_lloyd,
+                                             {"centers": centers}))
+    assert resident_calls[-1]
+    assert_array_equal(second.sums, first.sums)
+    with pytest.raises(ValueError):  # centres with 3 features for 4-feature rows
+        _graph.compute(blocks.reduce(K.lloyd_partial, K.combine_lloyd,
+                                     {"centers": centers[:, :3]}))
+    assert not resident_calls[-1]
+    (again,) = _graph.compute(blocks.reduce(K.lloyd_partial, K.combine_lloyd,
+                                            {"centers": centers}))
+    assert_array_equal(again.sums, first.sums)  # by tasks from then on

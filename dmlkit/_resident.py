@@ -1,0 +1,185 @@
+"""Resident passes: the kernels of a pass run next to the blocks, without a task graph.
+
+When the blocks of a fit are held in the workers' memory (a copy cached by
+:func:`dmlkit.data.persist_placed`), every pass maps the same kind of kernel
+over the same blocks; only the parameters change. Going through the
+scheduler costs each pass a graph (built, tokenised, sent), the scheduler's
+work, and the batching delays of its messages: 10-30 ms on a small machine,
+as much as the kernels themselves take on a few million rows.
+
+A :class:`BlockHolder` is a Dask actor created on each worker that holds
+blocks, with those blocks as its arguments (so it references the very arrays
+the worker holds, no copy). A pass sends it the kernel, the parameters and the
+combine directly; it maps the kernel over each group of blocks (one group per
+worker thread, in parallel) and folds the subtrees of the reduction tree each
+group holds (:func:`dmlkit._graph.fold_held`). The caller folds the rest, as
+for the tasks of :meth:`dmlkit._graph.RowBlocks.reduce`: the same operations
+in the same order, hence the same bits.
+
+If a call fails (a worker lost, say), :class:`Resident` lets its actors go and
+the pass, and every later pass of the fit, runs as tasks, which recompute
+lost blocks from their source. Resident passes do not show in the
+dashboard's task stream; ``dask.config.set({"dmlkit.resident-passes":
+False})`` turns them off.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Sequence
+
+import dask
+
+#: dask config key: run passes over cached blocks through resident actors (default True).
+CONFIG_KEY = "dmlkit.resident-passes"
+#: Seconds the first pass waits for the actors when the blocks are already in memory.
+CREATE_TIMEOUT_S = 10.0
+
+
+def enabled() -> bool:
+    """Whether resident passes are on (``dmlkit.resident-passes`` in dask's config)."""
+    return bool(dask.config.get(CONFIG_KEY, True))
+
+
+class BlockHolder:
+    """A worker's blocks and the passes over them (runs on the worker, as a Dask actor).
+
+    Parameters
+    ----------
+    groups : list of list of int
+        The blocks of each worker thread on this worker, in block order.
+    offsets : dict
+        Global index of the first row of each block.
+    n_blocks : int
+        Blocks in the whole reduction tree.
+    xs, ws, ys : dict
+        Each block's ``X``, weights and targets (``ws``/``ys`` None when absent).
+    """
+
+    def __init__(self, groups: list, offsets: dict, n_blocks: int, xs: dict,
+                 ws: dict | None, ys: dict | None):
+        from dmlkit._graph import aligned
+
+        self.groups = groups
+        self.offsets = offsets
+        self.n_blocks = n_blocks
+        self.xs, self.ws, self.ys = ({b: aligned(v) for b, v in d.items()} if d is not None
+                                     else None for d in (xs, ws, ys))
+        self.pool = ThreadPoolExecutor(len(groups)) if len(groups) > 1 else None
+
+    def _group(self, members: list, kernel: Callable, params: dict, combine: Callable,
+               fan_in: int) -> dict:
+        from dmlkit._graph import _map_group
+
+        pick = (lambda d: None if d is None else [d[b] for b in members])
+        return _map_group(kernel, params, members, [self.offsets[b] for b in members],
+                          pick(self.xs), pick(self.ws), pick(self.ys), combine=combine,
+                          fan_in=fan_in, n_blocks=self.n_blocks)
+
+    def run(self, jobs: Sequence[tuple]) -> list[list[dict]]:
+        """For each job ``(kernel, params, combine, fan_in)``, each group's held subtrees."""
+        out = []
+        for job in jobs:
+            if self.pool is None:
+                out.append([self._group(g, *job) for g in self.groups])
+            else:
+                out.append(list(self.pool.map(lambda g: self._group(g, *job), self.groups)))
+        return out
+
+
+class Resident:
+    """The :class:`BlockHolder` actors of one :class:`~dmlkit._graph.RowBlocks`, client side.
+
+    Created with the blocks' futures (``futures[j][i]``: array ``j`` = X,
+    weights, y; block ``i``) and the worker of each group. The actors are
+    submitted at once. When the blocks are already in memory, the first pass
+    waits for them (a task's time, at most :data:`CREATE_TIMEOUT_S`); while
+    the blocks are still loading, passes run as tasks (the first of them
+    loads the blocks) and the actors serve the passes after they exist.
+    After any failure :meth:`run` returns None and the caller runs tasks.
+    """
+
+    def __init__(self, futures: Sequence, groups: Sequence[Sequence[int]], where: Sequence[str],
+                 offsets: Sequence[int], client):
+        self.client = client
+        by_worker: dict[str, list] = {}
+        for members, addr in zip(groups, where):
+            by_worker.setdefault(addr, []).append(list(members))
+        n_blocks = len(futures[0])
+        self.actors: dict = {}
+        for addr, worker_groups in by_worker.items():
+            blocks = [b for g in worker_groups for b in g]
+            xs, ws, ys = (None if f is None else {b: f[b] for b in blocks} for f in futures)
+            self.actors[addr] = client.submit(
+                BlockHolder, worker_groups, {b: int(offsets[b]) for b in blocks}, n_blocks,
+                xs, ws, ys, workers=[addr], allow_other_workers=False, actor=True, pure=False)
+        self.handles: dict | None = None
+        self.blocks = list(futures[0])  # X's blocks
+        self.waited = False
+
+    def ready(self) -> bool:
+        """True once every actor exists; False (for good) after a failure."""
+        if self.handles is not None:
+            return True
+        if not self.actors:
+            return False
+        if not self.waited and all(f.status == "finished" for f in self.blocks):
+            self.waited = True  # once: an actor that cannot start must not stall every pass
+            from distributed import wait
+
+            try:
+                wait(list(self.actors.values()), timeout=CREATE_TIMEOUT_S)
+            except Exception:  # timed out: try again at the next pass, without waiting
+                pass
+        status = [f.status for f in self.actors.values()]
+        if any(s not in ("pending", "finished") for s in status):
+            self.close()
+            return False
+        if all(s == "finished" for s in status):
+            try:
+                self.handles = {addr: f.result() for addr, f in self.actors.items()}
+            except Exception:
+                self.close()
+                return False
+            return True
+        return False
+
+    def close(self) -> None:
+        """Let the actors go; later passes run as tasks."""
+        self.actors, self.handles = {}, None
+
+    def run(self, jobs: Sequence[tuple]) -> list[list[dict]] | None:
+        """Per job, every group's held subtrees; None when the actors cannot serve it."""
+        if not self.ready():
+            return None
+        try:
+            calls = [actor.run(list(jobs)) for actor in self.handles.values()]
+            answers = [c.result() for c in calls]
+        except Exception:  # a worker lost, an actor gone, a kernel's error: tasks decide
+            self.close()
+            return None
+        return [[part for answer in answers for part in answer[j]] for j in range(len(jobs))]
+
+
+def create(blocks: Any) -> Resident | None:
+    """The :class:`Resident` of a :class:`~dmlkit._graph.RowBlocks`, or None when its blocks
+    are not all held by a distributed cluster (or resident passes are off)."""
+    if not enabled() or blocks.slots is None:
+        return None
+    from dmlkit._graph import groups_of
+
+    from distributed import futures_of
+
+    futures = []
+    for v in (blocks.X, blocks.sample_weight, blocks.y):
+        if v is None:
+            futures.append(None)
+            continue
+        held = {f.key: f for f in futures_of(v)}
+        keys = [(v.name, i) + (0,) * (v.ndim - 1) for i in range(blocks.n_blocks)]
+        if not all(k in held for k in keys):
+            return None  # derived from held data, not held itself
+        futures.append([held[k] for k in keys])
+    client = futures[0][0].client
+    groups = groups_of(blocks.slots, single=True)
+    where = [blocks.slots[g[0]][0] for g in groups]
+    return Resident(futures, groups, where, blocks.offsets, client)
