@@ -30,6 +30,12 @@ from dmlkit._kernels.random import uniform_rows
 BLOCK_ELEMENTS = 1 << 16
 
 
+#: Rows per product of the one-hot memberships with the rows (the per-cluster sums):
+#: BLAS runs a (k x rows) by (rows x d) product several times faster in pieces of about
+#: this many rows than in one piece of 8,192 (measured with OpenBLAS, k=8, d=32).
+SUM_ROWS = 2048
+
+
 def _block_rows(n_centers: int) -> int:
     return int(max(256, min(16384, BLOCK_ELEMENTS // max(n_centers, 1))))
 
@@ -180,7 +186,8 @@ def lloyd_partial(
             wb = w[s : s + nb]
             members *= wb.astype(X.dtype, copy=False)
             weights += np.bincount(labels, weights=wb, minlength=k)
-        sums += members @ Xb
+        for a in range(0, nb, SUM_ROWS):  # short products: much faster than one long one
+            sums += members[:, a : a + SUM_ROWS] @ Xb[a : a + SUM_ROWS]
         if exact:
             diff = Xb - C[labels]
             d2 = np.einsum("ij,ij->i", diff, diff)
