@@ -284,3 +284,49 @@ def test_precision_floor_is_reported_not_called_max_iter(tmp_path):
     with pytest.warns(ConvergenceWarning, match="no step lowers the objective"):
         m = LogisticRegression(solver="newton", tol=1e-14, max_iter=100).fit(path)
     assert m.n_iter_ < 100 and not m.converged_
+
+
+def test_sampled_hessian_sums_over_its_rows_whatever_the_blocks():
+    from dmlkit._kernels.glm import HESSIAN_RUN, combine_glm
+
+    rng = np.random.default_rng(3)
+    n, offset, every = 5 * HESSIAN_RUN, 700, 3
+    X, w = rng.standard_normal((n, 4)), rng.uniform(0.5, 2.0, n)
+    y = (rng.random(n) < 0.4).astype(int)
+    theta = rng.standard_normal(5) * 0.3
+    kw = dict(y=y, theta=theta, family="binomial", fit_intercept=True, hessian=True)
+    whole = glm_partial(X, w, offset, hessian_every=every, **kw)
+    rows = ((offset + np.arange(n)) // HESSIAN_RUN) % every == 0
+    assert 0 < rows.sum() < n
+    Xa = np.c_[X, np.ones(n)][rows]
+    p = 1 / (1 + np.exp(-(Xa @ theta)))
+    assert_allclose(whole.hess, (Xa * (w[rows] * p * (1 - p))[:, None]).T @ Xa, rtol=1e-10)
+    assert whole.hess_weight == pytest.approx(w[rows].sum())
+    full = glm_partial(X, w, offset, **kw)  # loss and gradient: every row either way
+    assert whole.loss == full.loss
+    assert_array_equal(whole.grad, full.grad)
+    cut = 1500
+    halves = combine_glm(
+        glm_partial(X[:cut], w[:cut], offset, hessian_every=every, **dict(kw, y=y[:cut])),
+        glm_partial(X[cut:], w[cut:], offset + cut, hessian_every=every, **dict(kw, y=y[cut:])))
+    assert_allclose(halves.hess, whole.hess, rtol=1e-10)
+    assert halves.hess_weight == pytest.approx(whole.hess_weight)
+
+
+@pytest.mark.parametrize("chunks", [30_000, 7_000])
+def test_newton_with_a_sampled_hessian_matches_sklearn(chunks):
+    from dmlkit import linear_model as lm
+
+    rng = np.random.default_rng(4)
+    n = 30_000
+    X = rng.standard_normal((n, 5))
+    y = (rng.random(n) < 1 / (1 + np.exp(-(X @ rng.standard_normal(5) - 0.2)))).astype(int)
+    w = rng.uniform(0.5, 2.0, n)
+    assert lm.hessian_every("binomial", n, 6) == 5  # one row in 5 (runs of 1,024 rows)
+    Xd, yd, wd = (da.from_array(v, chunks=chunks) for v in (X, y, w))
+    ours = LogisticRegression(C=0.5, solver="newton", **TIGHT).fit(Xd, yd, sample_weight=wd)
+    ref = sk.LogisticRegression(C=0.5, solver="newton-cholesky", tol=1e-12,
+                                max_iter=1000).fit(X, y, sample_weight=w)
+    assert ours.converged_
+    assert_allclose(ours.coef_, ref.coef_, rtol=1e-6, atol=1e-7)
+    assert_allclose(ours.intercept_, ref.intercept_, atol=1e-7)

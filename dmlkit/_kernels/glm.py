@@ -27,21 +27,40 @@ from dmlkit._kernels.kmeans import _as_float
 SUB_BLOCK_ROWS = 8192
 #: Largest float64 copy of a sub-block that ``glm_partial(precise=True)`` makes.
 PRECISE_BUFFER_BYTES = 4 * 2**20
+#: Rows per run of the Hessian's row sample (see ``glm_partial(hessian_every=...)``).
+HESSIAN_RUN = 1024
 
 
 class GLMPartial(NamedTuple):
-    """Sums over rows: ``loss`` (float), ``grad`` (p,), ``hess`` (p, p) or None, ``weight`` (float)."""
+    """Sums over rows: ``loss`` (float), ``grad`` (p,), ``hess`` (p, p) or None, ``weight``
+    (float) and ``hess_weight``, the weight of the rows the Hessian sums over (all of them,
+    or a sample: see :func:`glm_partial`)."""
 
     loss: float
     grad: np.ndarray
     hess: np.ndarray | None
     weight: float
+    hess_weight: float = 0.0
 
 
 def combine_glm(a: GLMPartial, b: GLMPartial) -> GLMPartial:
     """Associative merge: everything is a sum."""
     hess = None if a.hess is None else a.hess + b.hess
-    return GLMPartial(a.loss + b.loss, a.grad + b.grad, hess, a.weight + b.weight)
+    return GLMPartial(a.loss + b.loss, a.grad + b.grad, hess, a.weight + b.weight,
+                      a.hess_weight + b.hess_weight)
+
+
+def hessian_sample(offset: int, n: int, every: int) -> np.ndarray | None:
+    """Which of the rows ``offset .. offset + n`` the Hessian sample holds (None: all).
+
+    Global row ``i`` is in the sample when ``(i // HESSIAN_RUN) % every == 0``:
+    runs of :data:`HESSIAN_RUN` consecutive rows, one run in ``every``, spread
+    evenly over the data and fixed by the rows' global numbers (so by neither
+    the chunking nor the blocks).
+    """
+    if every <= 1:
+        return None
+    return (np.arange(offset, offset + n) // HESSIAN_RUN) % every == 0
 
 
 FAMILIES = ("squared", "huber", "binomial", "multinomial", "hinge")
@@ -157,7 +176,7 @@ def pointwise(Z: np.ndarray, y: np.ndarray, w: np.ndarray, family: str, epsilon:
 def glm_partial(
     X: np.ndarray, w: np.ndarray | None, offset: int, *, y: np.ndarray, theta: np.ndarray,
     family: str, fit_intercept: bool, n_classes: int = 2, hessian: bool = False,
-    epsilon: float = 1.35, precise: bool = False,
+    epsilon: float = 1.35, precise: bool = False, hessian_every: int = 1,
 ) -> GLMPartial:
     """Weighted sums of pointwise loss, gradient and optionally Hessian over a block.
 
@@ -186,6 +205,12 @@ def glm_partial(
         1e-7 of its value as ``theta`` moves: close to the optimum, where
         steps lower the loss by less than that, a line search needs
         ``precise=True`` to see the decrease.
+    hessian_every : int, default=1
+        With ``hessian=True``, sum the Hessian over a sample of about one row in
+        ``hessian_every`` only (:func:`hessian_sample`; ``offset`` places the
+        block's rows); ``hess_weight`` is the sample's weight, so that
+        ``hess * weight / hess_weight`` estimates the whole Hessian. Loss and
+        gradient always sum over every row.
     """
     if family not in FAMILIES:
         raise ValueError(f"family={family!r} should be one of {FAMILIES}")
@@ -211,6 +236,8 @@ def glm_partial(
         wide = np.empty((min(n, step), d))
     else:
         wide = None
+    sample = hessian_sample(int(offset), n, int(hessian_every)) if hessian else None
+    hess_weight = weight if sample is None else float(wf[sample].sum())
     for s in range(0, n, step):
         Xb, wb, yb = X[s : s + step], wf[s : s + step], y[s : s + step]
         if wide is not None:
@@ -224,6 +251,10 @@ def glm_partial(
         g_coef += D.T.astype(X.dtype) @ Xb
         if fit_intercept:
             g_int += D.sum(axis=0)
-        if hessian:
+        if hessian and sample is None:
             hess += _gram(Xb, curvature, fit_intercept)
-    return GLMPartial(loss, grad, hess, weight)
+        elif hessian:
+            rows = sample[s : s + step]
+            if rows.any():
+                hess += _gram(Xb[rows], curvature[rows], fit_intercept)
+    return GLMPartial(loss, grad, hess, weight, hess_weight if hessian else 0.0)

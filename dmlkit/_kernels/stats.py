@@ -128,6 +128,22 @@ def combine_stats(a: DataStats, b: DataStats) -> DataStats:
     )
 
 
+def label_counts(*blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct labels of some blocks of ``y``, sorted, and how often each occurs."""
+    parts = [np.unique(b, return_counts=True) for b in blocks]
+    return combine_label_counts(*parts) if len(parts) != 1 else parts[0]
+
+
+def combine_label_counts(*parts: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Merge :func:`label_counts` results: the union of the labels, counts added."""
+    values = np.concatenate([p[0] for p in parts])
+    counts = np.concatenate([p[1] for p in parts]).astype(np.int64)
+    labels, where = np.unique(values, return_inverse=True)
+    total = np.zeros(labels.size, dtype=np.int64)
+    np.add.at(total, where.ravel(), counts)
+    return labels, total
+
+
 def mean_variance(stats: DataStats) -> float:
     """Mean over features of the (population) variance of each column."""
     return float(np.mean(stats.col_m2 / max(stats.n_rows, 1)))
