@@ -86,11 +86,16 @@ def run(args: argparse.Namespace) -> dict:
 
     # ------------------------------------------------------------ scikit-learn
     def sk_fit(**kw):
-        m = SKLogReg(C=C, solver="lbfgs", **kw)
-        with threadpool_limits(limits=args.workers), warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            secs, _ = timed(lambda: m.fit(X, y))
-        return secs, m, f_of(m.coef_, m.intercept_)
+        """The fastest of ``--repeat`` fits (the machine's speed drifts; the fit does not)."""
+        best = None
+        for _ in range(args.repeat):
+            m = SKLogReg(C=C, solver="lbfgs", **kw)
+            with threadpool_limits(limits=args.workers), warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                secs, _ = timed(lambda: m.fit(X, y))
+            if best is None or secs < best[0]:
+                best = (secs, m)
+        return best[0], best[1], f_of(best[1].coef_, best[1].intercept_)
 
     sk_ref = sk_fit(tol=1e-10, max_iter=1000)
     print(f"  scikit-learn tol=1e-10: {sk_ref[0]:.2f} s, {int(np.max(sk_ref[1].n_iter_))} it, "
@@ -110,12 +115,17 @@ def run(args: argparse.Namespace) -> dict:
 
         ref_solver = "newton" if K == 2 else "lbfgs"
 
-        def dml_fit(solver, cache, **kw):
-            m = dmlkit.LogisticRegression(C=C, solver=solver, cache=cache, **kw)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ConvergenceWarning)
-                secs, _ = timed(lambda: m.fit(str(path)))
-            return secs, m, f_of(m.coef_, m.intercept_)
+        def dml_fit(solver, cache, data=None, **kw):
+            """The fastest of ``--repeat`` fits, as for scikit-learn."""
+            best = None
+            for _ in range(args.repeat):
+                m = dmlkit.LogisticRegression(C=C, solver=solver, cache=cache, **kw)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", ConvergenceWarning)
+                    secs, _ = timed(lambda: m.fit(*(data or (str(path),))))
+                if best is None or secs < best[0]:
+                    best = (secs, m)
+            return best[0], best[1], f_of(best[1].coef_, best[1].intercept_)
 
         dml_ref = dml_fit(ref_solver, True, tol=1e-10, max_iter=args.max_iter)
         print(f"  dmlkit {ref_solver} tol=1e-10: {dml_ref[0]:.2f} s, {dml_ref[1].n_iter_} it, "
@@ -184,17 +194,30 @@ def run(args: argparse.Namespace) -> dict:
         secs, m, f = dml_ref
         dml_record(f"dmlkit {ref_solver} tol=1e-10 (cached)", secs, m, f,
                    note=f"converged_={m.converged_}; reference")
-        contenders = [("newton", True, {}), ("lbfgs", True, {}),
-                      ("gd", True, {"max_iter": args.gd_max_iter}), ("newton", False, {})]
+        # the data already in the workers' memory, as scikit-learn's is in its process and
+        # dask-ml's is (persisted first) below: these fits read no store
+        from distributed import wait
+
+        in_memory = client.persist([da.from_zarr(str(path), component="X"),
+                                    da.from_zarr(str(path), component="y")])
+        wait(in_memory)
+        solvers = [("newton", {}), ("lbfgs", {}), ("gd", {"max_iter": args.gd_max_iter})]
         if K > 2:  # Newton is binary only: stream L-BFGS instead
-            contenders = [c for c in contenders if c[0] != "newton"] + [("lbfgs", False, {})]
-        for solver, cache, kw in contenders:
+            solvers = solvers[1:]
+        contenders = ([(s, "memory", kw) for s, kw in solvers]
+                      + [(s, "cached", kw) for s, kw in solvers]
+                      + [(solvers[0][0], "streaming", {})])
+        where = {"memory": "in the workers' memory", "cached": "cached from Zarr",
+                 "streaming": "streaming"}
+        for solver, source, kw in contenders:
             kw = {"max_iter": args.max_iter, **kw}
-            secs, m, f = dml_fit(solver, cache, **kw)
-            label = f"dmlkit {solver} ({'cached' if cache else 'streaming'})"
-            row = dml_record(label, secs, m, f)
-            if not cache:
+            secs, m, f = dml_fit(solver, source != "streaming",
+                                 in_memory if source == "memory" else None, **kw)
+            row = dml_record(f"dmlkit {solver} ({where[source]})", secs, m, f)
+            row["source"] = source
+            if source == "streaming":
                 results["streaming"] = row["method"]
+        del in_memory
 
         # dask-ml
         if args.skip_dask_ml:
@@ -209,22 +232,26 @@ def run(args: argparse.Namespace) -> dict:
         client.close()
 
     rows = {r["method"]: r for r in results["rows"]}
-    dml = [r for r in results["rows"] if r["method"].startswith("dmlkit")
-           and "reference" not in r["note"] and r["seconds_to_f_star"] is not None]
     summary: dict = {}
-    if dml:
-        best = min(dml, key=lambda r: r["seconds_to_f_star"])
-        summary["best_dmlkit"] = best["method"]
-        summary["best_dmlkit_vs_sklearn_to_f_star"] = best["seconds_to_f_star"] / sk_time_to_f_star
+    best = {}
+    for source in ("memory", "cached"):
+        dml = [r for r in results["rows"] if r.get("source") == source
+               and r["seconds_to_f_star"] is not None]
+        if dml:
+            best[source] = min(dml, key=lambda r: r["seconds_to_f_star"])
+            summary[f"best_dmlkit_{source}"] = best[source]["method"]
+            summary[f"best_dmlkit_{source}_vs_sklearn_to_f_star"] = (
+                best[source]["seconds_to_f_star"] / sk_time_to_f_star)
     stream = rows[results["streaming"]]
     summary["streaming_pass_vs_raw_read"] = stream["seconds_per_pass"] / results["raw_read_seconds"]
-    cached = rows.get("dmlkit lbfgs (cached)")
+    mine = rows.get("dmlkit lbfgs (in the workers' memory)")
     dm = rows.get("dask-ml lbfgs")
-    if dm is not None and cached is not None and dm["seconds"] is not None:
-        summary["dask_ml_lbfgs_vs_dmlkit_lbfgs_fit"] = dm["seconds"] / cached["seconds"]
-        if dml:
-            summary["dask_ml_lbfgs_vs_best_dmlkit_to_f_star"] = (dm["seconds"]
-                                                                  / best["seconds_to_f_star"])
+    if dm is not None and mine is not None and dm["seconds"] is not None:
+        # both on data persisted in the workers' memory before the fit
+        summary["dask_ml_lbfgs_vs_dmlkit_lbfgs_fit"] = dm["seconds"] / mine["seconds"]
+        if "memory" in best:
+            summary["dask_ml_lbfgs_vs_best_dmlkit_to_f_star"] = (
+                dm["seconds"] / best["memory"]["seconds_to_f_star"])
     results["summary"] = summary
     return results
 
@@ -305,22 +332,26 @@ def report(results: dict) -> str:
                         "ms / pass", "gap", "note"], rows),
         "",
     ]
-    if "best_dmlkit_vs_sklearn_to_f_star" in s:
-        lines.append(
-            f"- best dmlkit time to f* ({s['best_dmlkit']}) / scikit-learn time to f* "
-            f"(lbfgs tol={results['sklearn_tol_reaching_f_star']}, "
-            f"{results['sklearn_time_to_f_star']:.2f} s): "
-            f"{s['best_dmlkit_vs_sklearn_to_f_star']:.2f}x")
+    for source, what in (("memory", "data in memory, as scikit-learn's"),
+                         ("cached", "from the Zarr path, loading included")):
+        if f"best_dmlkit_{source}_vs_sklearn_to_f_star" in s:
+            lines.append(
+                f"- {what}: best dmlkit time to f* ({s[f'best_dmlkit_{source}']}) / "
+                f"scikit-learn time to f* (lbfgs tol={results['sklearn_tol_reaching_f_star']}, "
+                f"{results['sklearn_time_to_f_star']:.2f} s): "
+                f"{s[f'best_dmlkit_{source}_vs_sklearn_to_f_star']:.2f}x")
     if "dask_ml_lbfgs_vs_dmlkit_lbfgs_fit" in s:
-        lines.append(f"- dask-ml lbfgs fit / dmlkit lbfgs (cached) fit: "
+        lines.append(f"- dask-ml lbfgs fit / dmlkit lbfgs (in the workers' memory) fit: "
                      f"{s['dask_ml_lbfgs_vs_dmlkit_lbfgs_fit']:.1f}x; dask-ml lbfgs fit / best "
                      f"dmlkit time to f*: {s['dask_ml_lbfgs_vs_best_dmlkit_to_f_star']:.1f}x")
     lines.append(f"- {results['streaming']} pass / one raw read of the store: "
                  f"{s['streaming_pass_vs_raw_read']:.2f}x")
     lines += [
-        "- dmlkit \"to f*\": the whole fit (class pass, cache loading, setup) less the passes "
+        "- dmlkit \"to f*\": the whole fit (class pass, cache loading or placing, setup) less "
+        "the passes "
         "of the iterations after the first whose `history_` objective is within the tolerance; "
         "scikit-learn's and dask-ml's: the whole fit, when its final objective is within it. "
+        f"scikit-learn and dmlkit: the fastest of {cfg['repeat']} fits (dask-ml: one). "
         "ms / pass: median over iterations (the first, which loads a cache, left out) of "
         "`history_` seconds / passes.",
     ]
@@ -350,3 +381,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--admm-max-iter", type=int, default=30,
                    help="dask-ml ADMM iterations (each a local L-BFGS per chunk)")
     p.add_argument("--skip-dask-ml", action="store_true")
+    p.add_argument("--repeat", type=int, default=2,
+                   help="fits of each scikit-learn and dmlkit contender; the fastest is reported")
