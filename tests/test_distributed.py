@@ -284,3 +284,18 @@ def test_a_kernel_error_on_resident_actors_is_raised_by_the_tasks(client, store,
     (again,) = _graph.compute(blocks.reduce(K.lloyd_partial, K.combine_lloyd,
                                             {"centers": centers}))
     assert_array_equal(again.sums, first.sums)  # by tasks from then on
+
+
+def test_resident_passes_with_several_threads_per_worker(store, resident_calls):
+    """One actor per worker maps its threads' groups in parallel: still the same bits."""
+    X, path = store
+    params = dict(init=X[:5].astype(np.float64), max_iter=6, tol=0, cache=True, split_every=3)
+    with dask.config.set(scheduler="sync"):
+        ref = KMeans(5, **params).fit(path)
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, host="127.0.0.1",
+                      dashboard_address=":0", memory_limit="2GiB") as cluster, \
+            Client(cluster):
+        ours = KMeans(5, **params).fit(path)
+    assert sum(resident_calls) >= ours.n_passes_ - 2
+    assert_array_equal(ours.cluster_centers_, ref.cluster_centers_)
+    assert ours.inertia_ == ref.inertia_
