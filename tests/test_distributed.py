@@ -59,7 +59,25 @@ def test_numpy_input_is_scattered_and_fits(client, store):
     assert_allclose(km.cluster_centers_, ref.cluster_centers_, rtol=1e-6, atol=1e-6)
 
 
-def test_worker_killed_mid_fit_changes_nothing(client, store, monkeypatch, resident_calls):
+def _kill(pid: int, resident: bool, delay: float) -> None:
+    """Kill a worker process: at once when passes are resident (they take milliseconds, so
+    the next pass finds it dead), else ``delay`` seconds on, while the next pass's tasks run."""
+    if not resident:
+        threading.Timer(delay, os.kill, (pid, signal.SIGKILL)).start()
+        return
+    import time
+
+    import psutil
+
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("resident", [True, False], ids=["resident", "tasks"])
+def test_worker_killed_mid_fit_changes_nothing(client, store, monkeypatch, resident_calls,
+                                               resident):
     X, path = store
     init = X[:5].astype(np.float64)
     params = dict(init=init, max_iter=12, tol=0)
@@ -74,16 +92,17 @@ def test_worker_killed_mid_fit_changes_nothing(client, store, monkeypatch, resid
     def update_and_sabotage(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:
-            # kill one worker while the next pass is running: its cached chunks
-            # and running tasks are lost and must be recomputed from the store
-            threading.Timer(0.02, os.kill, (pid, signal.SIGKILL)).start()
+            # kill one worker: its cached chunks (and running tasks) are lost and must be
+            # recomputed from the store
+            _kill(pid, resident, 0.02)
         return original(*args, **kwargs)
 
     monkeypatch.setattr(K, "update_centers", update_and_sabotage)
-    km = KMeans(5, cache=True, **params).fit(path)
+    with dask.config.set({"dmlkit.resident-passes": resident}):
+        km = KMeans(5, cache=True, **params).fit(path)
     assert calls["n"] == 12
-    # passes ran on the resident actors until the kill, then as tasks
-    assert resident_calls[1] and not resident_calls[-1]
+    if resident:  # passes ran on the resident actors until the kill, then as tasks
+        assert resident_calls[1] and not resident_calls[-1]
     assert_array_equal(km.cluster_centers_, ref.cluster_centers_)
     assert km.inertia_ == ref.inertia_
     client.wait_for_workers(2, timeout=60)  # the nanny restarted it...
@@ -116,8 +135,9 @@ def test_logistic_regression_on_cluster_equals_sync(client, classification_store
     assert ours.n_passes_ == ref.n_passes_
 
 
+@pytest.mark.parametrize("resident", [True, False], ids=["resident", "tasks"])
 def test_worker_killed_during_logistic_fit_changes_nothing(client, classification_store,
-                                                           monkeypatch, resident_calls):
+                                                           monkeypatch, resident_calls, resident):
     from dmlkit import LogisticRegression
 
     params = dict(solver="newton", cache=True)
@@ -131,13 +151,15 @@ def test_worker_killed_during_logistic_fit_changes_nothing(client, classificatio
     def solve_and_sabotage(*args, **kwargs):  # one call per Newton iteration, on the client
         calls["n"] += 1
         if calls["n"] == 2:
-            threading.Timer(0.01, os.kill, (pid, signal.SIGKILL)).start()
+            _kill(pid, resident, 0.01)
         return real_solve(*args, **kwargs)
 
     monkeypatch.setattr(np.linalg, "solve", solve_and_sabotage)
-    ours = LogisticRegression(**params).fit(classification_store)
+    with dask.config.set({"dmlkit.resident-passes": resident}):
+        ours = LogisticRegression(**params).fit(classification_store)
     assert calls["n"] >= 3
-    assert any(resident_calls) and not resident_calls[-1]
+    if resident:
+        assert any(resident_calls) and not resident_calls[-1]
     assert_array_equal(ours.coef_, ref.coef_)
     client.wait_for_workers(2, timeout=60)
     assert victim not in client.scheduler_info()["workers"]
