@@ -10,7 +10,9 @@ worker once. The tree's levels are tasks, except the last combine (of at most
 one task and one transfer between workers per pass. The tree's shape and the
 order inside every combine are fixed by the block order, so the floating point
 result does not depend on the scheduler, the number of workers or which worker
-ran what.
+ran what. Passes over blocks that a distributed cluster holds (a placed cache)
+go to resident actors next to the blocks instead (:mod:`dmlkit._resident`),
+which run the same kernels and folds without a graph.
 
 Kernels have the signature ``kernel(X, w, offset, **params)`` (``X`` a NumPy
 block, ``w`` its weights or None, ``offset`` the global index of its first row)
@@ -438,7 +440,10 @@ class RowBlocks:
 
         Returns a :class:`Reduction` of the combined record; nothing is
         computed. ``params`` travels inside each task when small, else enters
-        the graph once as one literal key (:func:`ship`).
+        the graph once as one literal key (:func:`ship`). On blocks a
+        distributed cluster holds (a placed cache), :func:`compute` sends the
+        pass to the workers' resident actors instead (:mod:`dmlkit._resident`),
+        with the same result.
         """
         fan_in = check_split_every(split_every)
         job = (kernel, params if params is not None else {}, combine, fan_in)

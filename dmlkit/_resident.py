@@ -165,9 +165,9 @@ def create(blocks: Any) -> Resident | None:
     are not all held by a distributed cluster (or resident passes are off)."""
     if not enabled() or blocks.slots is None:
         return None
-    from dmlkit._graph import groups_of
-
     from distributed import futures_of
+
+    from dmlkit._graph import groups_of
 
     futures = []
     for v in (blocks.X, blocks.sample_weight, blocks.y):
