@@ -49,7 +49,32 @@ def test_stats_combine_matches_numpy(cuts):
     assert_allclose(s.weight_sum, w.sum())
     assert_allclose(s.col_sum, X.astype(np.float64).sum(0), rtol=1e-10)
     assert_allclose(mean_variance(s), np.var(X.astype(np.float64), axis=0).mean(), rtol=1e-8)
+    assert_allclose(s.weighted_sq_norm, w @ (X.astype(np.float64) ** 2).sum(1), rtol=1e-10)
     assert s.bad_rows == ()
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_stats_over_several_pieces_match_numpy(weighted):
+    from dmlkit._kernels import stats
+
+    rng = np.random.default_rng(1)
+    n = 2 * stats.STATS_ROWS + 123
+    X = (rng.standard_normal((n, 4)) * [1, 10, 100, 1000] - 3e3).astype(np.float32)
+    w = rng.uniform(0.5, 2, n) if weighted else None
+    s = data_stats(X, w, 0)
+    X64, w64 = X.astype(np.float64), (np.ones(n) if w is None else w)
+    assert_allclose(s.col_sum, X64.sum(0), rtol=1e-12)
+    assert_allclose(s.col_m2, ((X64 - X64.mean(0)) ** 2).sum(0), rtol=1e-9)
+    assert_allclose(s.weighted_sq_norm, w64 @ (X64 ** 2).sum(1), rtol=1e-12)
+    assert_allclose(s.weight_sum, w64.sum())
+
+
+def test_stats_do_not_call_huge_finite_values_bad():
+    X = np.array([[1e200, 1.0], [-1e200, 2.0]])  # their squares overflow float64
+    with np.errstate(over="ignore", invalid="ignore"):
+        assert data_stats(X, None, 0).bad_rows == ()
+        X[1, 1] = np.nan
+        assert data_stats(X, None, 5).bad_rows == ((6, 1),)
 
 
 def test_stats_report_the_first_bad_row_of_each_bad_block():

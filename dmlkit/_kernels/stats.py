@@ -87,7 +87,8 @@ def data_stats(X: np.ndarray, w: np.ndarray | None, offset: int,
                 wp = wf[a:b]
                 ws1 += wp @ p
                 wsq += float(wp @ (q @ np.ones(d)))
-        finite = bool(np.isfinite(s2).all())
+        # (squares of float64 values beyond 1e154 overflow: then X itself decides)
+        finite = bool(np.isfinite(s2).all()) or bool(np.isfinite(X).all())
     if not finite or n == 0:
         bad = ()
         if not finite:  # rare: find the rows
