@@ -118,16 +118,15 @@ def _fold_groups(results: Sequence[dict], combine: Callable, fan_in: int, n: int
     return _fold(combine, [nodes[(top, i)] for i in range(counts[top])])
 
 
-def groups_of(slots: Sequence | None, single: bool = False) -> list[list[int]] | None:
-    """The blocks of each worker thread (in block order), or None when each holds one block
-    (unless ``single``) or ``slots`` is None."""
+def groups_of(slots: Sequence | None) -> list[list[int]] | None:
+    """The blocks of each worker thread (in block order), or None when each holds one block."""
     if not slots:
         return None
     groups: dict = {}
     for i, slot in enumerate(slots):
         groups.setdefault(slot, []).append(i)
     out = sorted(groups.values())
-    return out if single or len(out) < len(slots) else None
+    return out if len(out) < len(slots) else None
 
 
 def _nbytes(value: Any) -> int:

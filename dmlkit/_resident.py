@@ -9,29 +9,35 @@ as much as the kernels themselves take on a few million rows.
 
 A :class:`BlockHolder` is a Dask actor created on each worker that holds
 blocks, with those blocks as its arguments (so it references the very arrays
-the worker holds, no copy). A pass sends it the kernel, the parameters and the
+the worker holds, no copy; a block's weights or ``y`` kept elsewhere are
+copied to it). A pass sends it the kernel, the parameters and the
 combine directly; it maps the kernel over each group of blocks (one group per
 worker thread, in parallel) and folds the subtrees of the reduction tree each
 group holds (:func:`dmlkit._graph.fold_held`). The caller folds the rest, as
 for the tasks of :meth:`dmlkit._graph.RowBlocks.reduce`: the same operations
 in the same order, hence the same bits.
 
-If a call fails (a worker lost, say), :class:`Resident` lets its actors go and
-the pass, and every later pass of the fit, runs as tasks, which recompute
-lost blocks from their source. Resident passes do not show in the
+If a call fails (a worker lost, say), :class:`Resident` lets its actors go
+(and logs why, at INFO level, on the ``dmlkit._resident`` logger) and the
+pass, and every later pass of the fit, runs as tasks, which recompute lost
+blocks from their source or raise the kernel's error. The actors live as
+long as the fit's blocks. Resident passes do not show in the
 dashboard's task stream; ``dask.config.set({"dmlkit.resident-passes":
 False})`` turns them off.
 """
 from __future__ import annotations
 
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
 import dask
 
+logger = logging.getLogger(__name__)
+
 #: dask config key: run passes over cached blocks through resident actors (default True).
 CONFIG_KEY = "dmlkit.resident-passes"
-#: Seconds the first pass waits for the actors when the blocks are already in memory.
+#: Seconds a pass waits for the actors to start (once).
 CREATE_TIMEOUT_S = 10.0
 
 
@@ -90,62 +96,79 @@ class Resident:
     """The :class:`BlockHolder` actors of one :class:`~dmlkit._graph.RowBlocks`, client side.
 
     Created with the blocks' futures (``futures[j][i]``: array ``j`` = X,
-    weights, y; block ``i``) and the worker of each group. The actors are
-    submitted at once. When the blocks are already in memory, the first pass
-    waits for them (a task's time, at most :data:`CREATE_TIMEOUT_S`); while
-    the blocks are still loading, passes run as tasks (the first of them
-    loads the blocks) and the actors serve the passes after they exist.
-    After any failure :meth:`run` returns None and the caller runs tasks.
+    weights, y; block ``i``). The actors are created at the first pass that
+    finds every block in memory, on the workers that hold them (asked of the
+    scheduler then), each worker's blocks shared out in order among its
+    threads; that pass waits for them (a task's time, at most
+    :data:`CREATE_TIMEOUT_S`). While the blocks are still loading, passes run
+    as tasks (the first of them loads the blocks). After any failure
+    :meth:`run` returns None for good and the caller runs tasks.
     """
 
-    def __init__(self, futures: Sequence, groups: Sequence[Sequence[int]], where: Sequence[str],
-                 offsets: Sequence[int], client):
+    def __init__(self, futures: Sequence, offsets: Sequence[int], client):
         self.client = client
-        by_worker: dict[str, list] = {}
-        for members, addr in zip(groups, where):
-            by_worker.setdefault(addr, []).append(list(members))
-        n_blocks = len(futures[0])
-        self.actors: dict = {}
-        for addr, worker_groups in by_worker.items():
-            blocks = [b for g in worker_groups for b in g]
-            xs, ws, ys = (None if f is None else {b: f[b] for b in blocks} for f in futures)
-            self.actors[addr] = client.submit(
-                BlockHolder, worker_groups, {b: int(offsets[b]) for b in blocks}, n_blocks,
-                xs, ws, ys, workers=[addr], allow_other_workers=False, actor=True, pure=False)
+        self.futures = futures
+        self.offsets = [int(o) for o in offsets]
+        self.actors: dict | None = None  # worker address -> actor future, once created
         self.handles: dict | None = None
-        self.blocks = list(futures[0])  # X's blocks
-        self.waited = False
+        self.closed = False
+
+    def _create(self) -> None:
+        """Submit one actor per worker holding blocks, next to them."""
+        X = self.futures[0]
+        holders = self.client.who_has(X)
+        workers = self.client.scheduler_info(n_workers=-1)["workers"]
+        where = [sorted(holders.get(f.key) or ["?"])[0] for f in X]
+        if any(addr not in workers for addr in where):
+            self.close()  # a block without a (live) holder: tasks will recompute it
+            return
+        mine: dict[str, list] = {}
+        for b, addr in enumerate(where):
+            mine.setdefault(addr, []).append(b)
+        self.actors = {}
+        for addr, blocks in mine.items():
+            t = min(max(1, workers[addr].get("nthreads", 1)), len(blocks))
+            groups = [blocks[i * len(blocks) // t : (i + 1) * len(blocks) // t] for i in range(t)]
+            xs, ws, ys = (None if f is None else {b: f[b] for b in blocks} for f in self.futures)
+            self.actors[addr] = self.client.submit(
+                BlockHolder, groups, {b: self.offsets[b] for b in blocks}, len(X), xs, ws, ys,
+                workers=[addr], allow_other_workers=False, actor=True, pure=False)
 
     def ready(self) -> bool:
         """True once every actor exists; False (for good) after a failure."""
         if self.handles is not None:
             return True
-        if not self.actors:
+        if self.closed:
             return False
-        if not self.waited and all(f.status == "finished" for f in self.blocks):
-            self.waited = True  # once: an actor that cannot start must not stall every pass
+        if self.actors is None:
+            if not all(f.status == "finished" for v in self.futures if v is not None for f in v):
+                return False  # still loading: this pass runs as tasks
+            self._create()
+            if self.closed:
+                return False
             from distributed import wait
 
             try:
                 wait(list(self.actors.values()), timeout=CREATE_TIMEOUT_S)
-            except Exception:  # timed out: try again at the next pass, without waiting
-                pass
-        status = [f.status for f in self.actors.values()]
-        if any(s not in ("pending", "finished") for s in status):
-            self.close()
-            return False
-        if all(s == "finished" for s in status):
-            try:
-                self.handles = {addr: f.result() for addr, f in self.actors.items()}
-            except Exception:
-                self.close()
+            except Exception:  # timed out: let them go, passes run as tasks
+                self.close("the actors did not start in time")
                 return False
-            return True
-        return False
+        status = [f.status for f in self.actors.values()]
+        if any(s != "finished" for s in status):
+            self.close(f"actor status {status}")
+            return False
+        try:
+            self.handles = {addr: f.result() for addr, f in self.actors.items()}
+        except Exception as exc:
+            self.close(exc)
+            return False
+        return True
 
-    def close(self) -> None:
+    def close(self, why: Any = None) -> None:
         """Let the actors go; later passes run as tasks."""
-        self.actors, self.handles = {}, None
+        if why is not None and not self.closed:
+            logger.info("resident passes off, passes run as tasks: %s", why)
+        self.actors, self.handles, self.closed = None, None, True
 
     def run(self, jobs: Sequence[tuple]) -> list[list[dict]] | None:
         """Per job, every group's held subtrees; None when the actors cannot serve it."""
@@ -154,8 +177,8 @@ class Resident:
         try:
             calls = [actor.run(list(jobs)) for actor in self.handles.values()]
             answers = [c.result() for c in calls]
-        except Exception:  # a worker lost, an actor gone, a kernel's error: tasks decide
-            self.close()
+        except Exception as exc:  # a worker lost, an actor gone, a kernel's error: tasks decide
+            self.close(exc)
             return None
         return [[part for answer in answers for part in answer[j]] for j in range(len(jobs))]
 
@@ -167,8 +190,6 @@ def create(blocks: Any) -> Resident | None:
         return None
     from distributed import futures_of
 
-    from dmlkit._graph import groups_of
-
     futures = []
     for v in (blocks.X, blocks.sample_weight, blocks.y):
         if v is None:
@@ -179,7 +200,4 @@ def create(blocks: Any) -> Resident | None:
         if not all(k in held for k in keys):
             return None  # derived from held data, not held itself
         futures.append([held[k] for k in keys])
-    client = futures[0][0].client
-    groups = groups_of(blocks.slots, single=True)
-    where = [blocks.slots[g[0]][0] for g in groups]
-    return Resident(futures, groups, where, blocks.offsets, client)
+    return Resident(futures, blocks.offsets, futures[0][0].client)

@@ -228,7 +228,10 @@ class _LinearModel(BaseEstimator):
             return part.hess / part.weight, time.perf_counter() - t0
 
         precise = {"on": False}
-        sampled = {"every": hessian_every(family, passes.blocks.X.shape[0], p)}
+        # Newton's Hessian from a sample of the rows (gd and FISTA take their step size from
+        # the Hessian's largest eigenvalue, which a sample does not bound: every row there)
+        sampled = {"every": hessian_every(family, passes.blocks.X.shape[0], p)
+                   if solver == "newton" else 1}
 
         def evaluate(theta, hessian=False):
             t0 = time.perf_counter()
@@ -251,6 +254,15 @@ class _LinearModel(BaseEstimator):
                 part.hess * (part.weight / part.hess_weight) + lam * np.diag(mask)) * scale
             return f, g, H, time.perf_counter() - t0
 
+        def whole_hessian() -> bool:
+            """From now on the Hessian over every row; False if it already was."""
+            if sampled["every"] == 1:
+                return False
+            sampled["every"] = 1
+            return True
+
+        evaluate.whole_hessian = whole_hessian
+
         theta = np.zeros(p)
         try:
             solve = {"lbfgs": self._lbfgs, "newton": self._newton, "gd": self._gd,
@@ -258,6 +270,7 @@ class _LinearModel(BaseEstimator):
             theta = solve(evaluate, theta, bar)
         finally:
             bar.close()
+            self.__dict__.pop("_fista_setup", None)  # it holds the fit's blocks
         self.n_passes_ = passes.count
         if not self.converged_:
             if self.n_iter_ >= self.max_iter:
@@ -429,6 +442,12 @@ class _LinearModel(BaseEstimator):
                     accepted = True
                     break
                 step *= 0.5
+            if not accepted and evaluate.whole_hessian():
+                # a Hessian from a sample of the rows can miss a direction the data barely
+                # vary in: go on with the whole Hessian
+                f, g, H, sec = evaluate(theta, hessian=True)
+                passes, seconds = passes + 1, seconds + sec
+                continue
             if not accepted or (f - f_new <= floor
                                 and float(np.abs(g_new).max()) > 0.5 * g_max):
                 if accepted:  # the objective cannot decrease any more: keep the point, stop
@@ -597,7 +616,9 @@ class LogisticRegression(ClassifierMixin, LinearClassifierMixin, _LinearModel):
     Hessian's products are most of a Newton pass's work); the objective and
     the gradient, hence the optimum and the stopping test, always use every
     row. Near the optimum the sampled Hessian makes convergence linear, at a
-    rate of about ``sqrt(p / m)`` per iteration for ``m`` sampled rows.
+    rate of about ``sqrt(p / m)`` per iteration for ``m`` sampled rows; when
+    no step along its direction lowers the objective, Newton goes on with the
+    whole Hessian.
     """
 
     def __init__(self, penalty: str | None = "l2", *, C: float = 1.0, l1_ratio: float | None = None,

@@ -58,7 +58,7 @@ def test_stats_over_several_pieces_match_numpy(weighted):
     from dmlkit._kernels import stats
 
     rng = np.random.default_rng(1)
-    n = 2 * stats.STATS_ROWS + 123
+    n = 2 * stats.STATS_PIECE_BYTES // (8 * 4) + 123  # three pieces
     X = (rng.standard_normal((n, 4)) * [1, 10, 100, 1000] - 3e3).astype(np.float32)
     w = rng.uniform(0.5, 2, n) if weighted else None
     s = data_stats(X, w, 0)

@@ -330,3 +330,25 @@ def test_newton_with_a_sampled_hessian_matches_sklearn(chunks):
     assert ours.converged_
     assert_allclose(ours.coef_, ref.coef_, rtol=1e-6, atol=1e-7)
     assert_allclose(ours.intercept_, ref.intercept_, atol=1e-7)
+
+
+def test_only_newton_samples_the_hessian_and_it_recovers_from_a_poor_sample():
+    from dmlkit._kernels.glm import HESSIAN_RUN
+
+    rng = np.random.default_rng(5)
+    n = 24 * HESSIAN_RUN  # p = 3 parameters: a sample of one run in 8
+    X = rng.standard_normal((n, 2))
+    in_sample = (np.arange(n) // HESSIAN_RUN) % 8 == 0
+    X[in_sample, 1] *= 1e-3  # the second feature barely varies in the sample
+    y = (rng.random(n) < 1 / (1 + np.exp(-(X @ [1.0, 0.5])))).astype(int)
+    ref = sk.LogisticRegression(C=1.0, solver="newton-cholesky", tol=1e-12,
+                                max_iter=1000).fit(X, y)
+    for solver in ("newton", "gd", "lbfgs"):
+        ours = LogisticRegression(C=1.0, solver=solver, tol=1e-8, max_iter=500).fit(X, y)
+        assert ours.converged_, solver
+        assert_allclose(ours.coef_, ref.coef_, rtol=1e-5, atol=1e-6)
+    # FISTA's step is 1 / (the largest curvature): from every row, never a sample
+    l1 = LogisticRegression(penalty="l1", C=1.0, solver="fista", tol=1e-6, max_iter=5000)
+    l1.fit(X, y)
+    assert l1.converged_ and np.isfinite(l1.coef_).all()
+    assert not hasattr(l1, "_fista_setup")  # the fit's blocks are not kept

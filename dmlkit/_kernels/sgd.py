@@ -40,7 +40,9 @@ def shard_permutation(n: int, seed: int, pass_index: int, shard: int, shuffle: b
     as much as a fifth of a round's SGD on the shard).
     """
     if not shuffle:
-        return np.arange(n)
+        order = np.arange(n)
+        order.setflags(write=False)
+        return order
     return _permutation(int(n), int(seed), int(pass_index), int(shard))
 
 

@@ -39,8 +39,8 @@ class DataStats(NamedTuple):
     bad_rows: tuple
 
 
-#: Rows converted to float64 at a time by :func:`data_stats` (a piece stays in cache).
-STATS_ROWS = 4096
+#: Bytes of the float64 copy of a piece of rows that :func:`data_stats` works on.
+STATS_PIECE_BYTES = 2**20
 
 
 def data_stats(X: np.ndarray, w: np.ndarray | None, offset: int,
@@ -51,7 +51,7 @@ def data_stats(X: np.ndarray, w: np.ndarray | None, offset: int,
 
     Notes
     -----
-    One read of ``X``, :data:`STATS_ROWS` rows at a time, converted to
+    One read of ``X``, a piece of :data:`STATS_PIECE_BYTES` at a time, converted to
     float64 relative to the block's first row ``r`` (the shifted-data
     algorithm: sums of ``x - r`` and of its squares give the column sums, the
     sums of squared deviations and the squared norms without the
@@ -72,10 +72,11 @@ def data_stats(X: np.ndarray, w: np.ndarray | None, offset: int,
         wf = None if w is None else np.asarray(w, dtype=np.float64)
         s1, s2 = np.zeros(d), np.zeros(d)  # sums of (x - r) and (x - r)^2 per column
         ws1, wsq = np.zeros(d), 0.0  # weighted: sums of w (x - r) and w ||x - r||^2
-        m = min(STATS_ROWS, n)
+        step = max(1, STATS_PIECE_BYTES // (8 * max(d, 1)))
+        m = min(step, n)
         part, sq, ones = np.empty((m, d)), np.empty((m, d)), np.ones(m)
-        for a in range(0, n, STATS_ROWS):
-            b = min(a + STATS_ROWS, n)
+        for a in range(0, n, step):
+            b = min(a + step, n)
             p, q = part[: b - a], sq[: b - a]
             np.copyto(p, X[a:b])  # float64 (a mixed-type subtract is several times slower)
             p -= shift
