@@ -97,11 +97,12 @@ class Resident:
 
     Created with the blocks' futures (``futures[j][i]``: array ``j`` = X,
     weights, y; block ``i``). The actors are created at the first pass that
-    finds every block in memory, on the workers that hold them (asked of the
+    finds X's blocks in memory, on the workers that hold them (asked of the
     scheduler then), each worker's blocks shared out in order among its
-    threads; that pass waits for them (a task's time, at most
-    :data:`CREATE_TIMEOUT_S`). While the blocks are still loading, passes run
-    as tasks (the first of them loads the blocks). After any failure
+    threads; that pass waits for the weights and ``y`` to join X and for the
+    actors to start (a task's time, at most :data:`CREATE_TIMEOUT_S` each).
+    While X is still loading, passes run as tasks (the first of them loads
+    it). After any failure
     :meth:`run` returns None for good and the caller runs tasks.
     """
 
@@ -141,13 +142,18 @@ class Resident:
         if self.closed:
             return False
         if self.actors is None:
-            if not all(f.status == "finished" for v in self.futures if v is not None for f in v):
-                return False  # still loading: this pass runs as tasks
+            if not all(f.status == "finished" for f in self.futures[0]):
+                return False  # X still loading: this pass runs as tasks (and loads it)
+            from distributed import wait
+
+            rest = [f for v in self.futures[1:] if v is not None for f in v]
+            try:  # the weights and y joining X's blocks: a task would wait for them too
+                wait(rest, timeout=CREATE_TIMEOUT_S)
+            except Exception:
+                return False
             self._create()
             if self.closed:
                 return False
-            from distributed import wait
-
             try:
                 wait(list(self.actors.values()), timeout=CREATE_TIMEOUT_S)
             except Exception:  # timed out: let them go, passes run as tasks
