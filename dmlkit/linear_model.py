@@ -243,8 +243,8 @@ class _LinearModel(BaseEstimator):
                 sampled["every"] = 1  # a sample without weight: the whole Hessian instead
                 return evaluate(theta, hessian)
             scale = 1.0 / part.weight
-            self._fista_setup = {"weight": part.weight, "lam": lam, "lam1": lam1, "mask": mask,
-                                 "gram": gram}
+            evaluate.fista_setup = {"weight": part.weight, "lam": lam, "lam1": lam1,
+                                    "mask": mask, "gram": gram}
             f = (part.loss + 0.5 * lam * float(theta @ (mask * theta))) * scale
             g = (part.grad + lam * mask * theta) * scale
             # near the optimum the float32 rounding of z hides the loss's decrease: from
@@ -270,7 +270,6 @@ class _LinearModel(BaseEstimator):
             theta = solve(evaluate, theta, bar)
         finally:
             bar.close()
-            self.__dict__.pop("_fista_setup", None)  # it holds the fit's blocks
         self.n_passes_ = passes.count
         if not self.converged_:
             if self.n_iter_ >= self.max_iter:
@@ -338,7 +337,7 @@ class _LinearModel(BaseEstimator):
         multinomial = self._family == "multinomial"
         f, g, H, sec = evaluate(theta, hessian=not multinomial)
         passes, seconds = 1, sec
-        setup = self._fista_setup
+        setup = evaluate.fista_setup  # set by the first evaluation
         W, lam, mask = setup["weight"], setup["lam"], setup["mask"]
         l1 = setup["lam1"] / W
         if multinomial:
