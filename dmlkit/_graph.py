@@ -286,6 +286,10 @@ def _map_group(kernel: Callable, params: dict, members: Sequence[int], offsets: 
     return fold_held(records, members, n_blocks, combine, fan_in)
 
 
+def _column(v):
+    return v[:, None]
+
+
 def _map_block(x, *rest, kernel, offsets, has_w, block_id=None):
     """Blockwise body: ``kernel(X_block, w_block, offset, [y=y_block,] **params)``."""
     params, columns = rest[-1], [aligned(c) for c in rest[:-1]]
@@ -337,7 +341,10 @@ class RowBlocks:
                         if offsets is None else np.asarray(offsets, dtype=np.int64))
         if self.offsets.shape != (self.n_blocks,):
             raise ValueError(f"offsets has shape {self.offsets.shape}; expected ({self.n_blocks},)")
-        self._args = [X] + [v[:, None] for v in (sample_weight, y) if v is not None]
+        # vectors as columns, by a blockwise step that fuses into each pass's task (a slice
+        # with None would be a task of its own per block and pass)
+        self._args = [X] + [v.map_blocks(_column, new_axis=1, chunks=(v.chunks[0], (1,)))
+                            for v in (sample_weight, y) if v is not None]
         #: which worker thread holds each block, when known (a placed copy)
         self.slots = getattr(X, "_dmlkit_slots", None)
         self.groups = groups_of(self.slots)

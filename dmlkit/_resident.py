@@ -99,8 +99,8 @@ class Resident:
     weights, y; block ``i``). The actors are created at the first pass that
     finds X's blocks in memory, on the workers that hold them (asked of the
     scheduler then), each worker's blocks shared out in order among its
-    threads; that pass waits for the weights and ``y`` to join X and for the
-    actors to start (a task's time, at most :data:`CREATE_TIMEOUT_S` each).
+    threads; that pass waits for the actors to start, once the weights and
+    ``y`` have joined X (a task's time, at most :data:`CREATE_TIMEOUT_S`).
     While X is still loading, passes run as tasks (the first of them loads
     it). After any failure
     :meth:`run` returns None for good and the caller runs tasks.
@@ -146,11 +146,8 @@ class Resident:
                 return False  # X still loading: this pass runs as tasks (and loads it)
             from distributed import wait
 
-            rest = [f for v in self.futures[1:] if v is not None for f in v]
-            try:  # the weights and y joining X's blocks: a task would wait for them too
-                wait(rest, timeout=CREATE_TIMEOUT_S)
-            except Exception:
-                return False
+            # the actors start once the weights and y have joined X's blocks (a task would
+            # wait for them too)
             self._create()
             if self.closed:
                 return False

@@ -318,6 +318,10 @@ def cache(
     evenly over the workers, each next to its rows of ``y`` and the weights
     (:func:`persist_placed`).
 
+    While ``X`` streams, its row-aligned vectors (``y``, the weights: one value
+    per row) are held in memory all the same when they fit
+    (:func:`keep_vectors`): a pass then reads only ``X`` from the store.
+
     ``block_rows`` fixes the blocks instead, cached or not: every block but the
     last has exactly ``block_rows`` rows, whatever the input's chunking
     (estimators whose arithmetic follows the blocks, like SGD, need that to give
@@ -331,10 +335,8 @@ def cache(
         if X.chunks[0][:-1] != (block_rows,) * (len(X.chunks[0]) - 1) or X.chunks[0][-1] > block_rows:
             X = X.rechunk({0: block_rows})
             rows = tuple(None if v is None else v.rechunk({0: block_rows}) for v in rows)
-    if cache is False:
-        return X, rows, False
-    if cache == "auto" and not in_memory and X.nbytes > memory_budget():
-        return X, rows, False
+    if cache is False or cache == "auto" and not in_memory and X.nbytes > memory_budget():
+        return X, keep_vectors(rows), False
     if in_memory and _client() is None:
         return X, rows, True  # already in this process's memory
     block = cache_block_rows(X, _total_threads(), per_thread) if block_rows is None else 0
@@ -349,6 +351,34 @@ def cache(
         else:
             X, *rows = persist_placed([X, *rows], client)
     return X, tuple(rows), True
+
+
+#: While ``X`` streams, its row-aligned vectors stay in memory when together they take at
+#: most this fraction of the cache budget (:func:`memory_budget`).
+VECTORS_BUDGET_FRACTION = 0.25
+
+
+def keep_vectors(rows: Sequence[da.Array | None]) -> tuple[da.Array | None, ...]:
+    """``rows`` with its 1-D arrays (``y``, weights) persisted, when together they take at
+    most :data:`VECTORS_BUDGET_FRACTION` of :func:`memory_budget`.
+
+    Each is ``1 / n_features`` of ``X``'s size or less, and read, parsed or
+    converted (labels to class indices) on every pass otherwise. On a
+    distributed cluster the blocks are spread evenly over the workers
+    (:func:`persist_placed`), so that the tasks of a streamed pass, placed
+    next to them, share out ``X``'s chunks evenly too.
+    """
+    rows = tuple(rows)
+    vectors = [v for v in rows if v is not None and v.ndim == 1]
+    if not vectors or sum(v.nbytes for v in vectors) > VECTORS_BUDGET_FRACTION * memory_budget():
+        return rows
+    client = _client()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*large graph.*")
+        kept = (dask.persist(*vectors) if client is None
+                else persist_placed(vectors, client))
+    it = iter(kept)
+    return tuple(next(it) if v is not None and v.ndim == 1 else v for v in rows)
 
 
 def block_slots(n_blocks: int, client) -> list[tuple[str, int]]:

@@ -97,7 +97,10 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         The cached copy keeps ``X``'s chunks (joining chunks under 8 MiB),
         spread evenly over the workers; each pass then runs one task per
         worker thread over the chunks it holds, which keeps the scheduler's
-        overhead per pass small.
+        overhead per pass small. While ``X`` streams (``False``, or too
+        large), ``sample_weight`` (and a classifier's labels, as class
+        numbers) stays in memory when it takes at most a quarter of that
+        half.
     progress : bool, default=False
         Show a progress bar (terminal or notebook) with the current inertia.
 

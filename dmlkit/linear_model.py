@@ -35,8 +35,18 @@ PRECISE_BELOW = 1e-3
 HESSIAN_ROWS_PER_PARAM = 1000
 
 
+def index_dtype(n_classes: int) -> np.dtype:
+    """The smallest signed integer dtype that holds class indices ``0 .. n_classes``
+    (int8 up to 126 classes): kernels read them as class numbers, and a copy held in
+    memory while ``X`` streams takes a byte per row."""
+    for t in (np.int8, np.int16, np.int32):
+        if n_classes < np.iinfo(t).max:
+            return np.dtype(t)
+    return np.dtype(np.int64)
+
+
 def _labels_to_index(y, classes):
-    return np.searchsorted(classes, y).astype(np.int64)
+    return np.searchsorted(classes, y).astype(index_dtype(classes.size))
 
 
 def _probabilities(Z):
@@ -666,7 +676,7 @@ class LogisticRegression(ClassifierMixin, LinearClassifierMixin, _LinearModel):
         classes, counts = find_classes(y_in, "LogisticRegression")
         self.classes_ = classes
         K = classes.size
-        y_idx = y_in.map_blocks(_labels_to_index, classes, dtype=np.int64)
+        y_idx = y_in.map_blocks(_labels_to_index, classes, dtype=index_dtype(K))
         w_fit = class_weight_rows(self.class_weight, w_in, y_in, classes, counts)
         self._family = "binomial" if K == 2 else "multinomial"
         theta = self._run(X_in, y_idx, w_fit, X, K)

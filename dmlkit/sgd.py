@@ -48,6 +48,7 @@ from dmlkit.linear_model import (
     _labels_to_index,
     class_weight_rows,
     find_classes,
+    index_dtype,
     prepare_supervised,
 )
 
@@ -502,7 +503,7 @@ class SGDClassifier(ClassifierMixin, LinearClassifierMixin, _BaseSGD):
 
     def _labelled(self, X, y, sample_weight, classes, counts):
         X_in, y_in, w_in = prepare_supervised(X, y, sample_weight)
-        y_idx = y_in.map_blocks(_checked_index, classes, dtype=np.int64)
+        y_idx = y_in.map_blocks(_checked_index, classes, dtype=index_dtype(classes.size))
         w_fit = class_weight_rows(self.class_weight, w_in, y_in, classes, counts)
         return X_in, y_idx, w_fit
 

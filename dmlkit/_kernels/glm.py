@@ -50,8 +50,9 @@ def combine_glm(a: GLMPartial, b: GLMPartial) -> GLMPartial:
                       a.hess_weight + b.hess_weight)
 
 
-def hessian_sample(offset: int, n: int, every: int) -> np.ndarray | None:
-    """Which of the rows ``offset .. offset + n`` the Hessian sample holds (None: all).
+def hessian_sample(offset: int, n: int, every: int) -> list[tuple[int, int]] | None:
+    """Which of the rows ``offset .. offset + n`` the Hessian sample holds (None: all), as
+    ``(start, stop)`` ranges of local row numbers.
 
     Global row ``i`` is in the sample when ``(i // HESSIAN_RUN) % every == 0``:
     runs of :data:`HESSIAN_RUN` consecutive rows, one run in ``every``, spread
@@ -60,7 +61,12 @@ def hessian_sample(offset: int, n: int, every: int) -> np.ndarray | None:
     """
     if every <= 1:
         return None
-    return (np.arange(offset, offset + n) // HESSIAN_RUN) % every == 0
+    first = -(-offset // (HESSIAN_RUN * every)) * every  # the first sampled run from offset on
+    back = (offset // HESSIAN_RUN) // every * every  # the sampled run holding offset, if any
+    runs = range(min(back, first), (offset + n - 1) // HESSIAN_RUN + 1, every) if n else ()
+    ranges = [(max(r * HESSIAN_RUN, offset) - offset, min((r + 1) * HESSIAN_RUN, offset + n) - offset)
+              for r in runs]
+    return [(a, b) for a, b in ranges if a < b]
 
 
 FAMILIES = ("squared", "huber", "binomial", "multinomial", "hinge")
@@ -100,7 +106,8 @@ def _gram(X: np.ndarray, v: np.ndarray, fit_intercept: bool) -> np.ndarray:
     return out
 
 
-def pointwise(Z: np.ndarray, y: np.ndarray, w: np.ndarray, family: str, epsilon: float = 1.35):
+def pointwise(Z: np.ndarray, y: np.ndarray, w: np.ndarray | None, family: str,
+              epsilon: float = 1.35, curvature: bool = True):
     """Weighted loss sum, its derivative in ``Z`` and (when cheap) its curvature.
 
     Parameters
@@ -109,7 +116,8 @@ def pointwise(Z: np.ndarray, y: np.ndarray, w: np.ndarray, family: str, epsilon:
         Decision values ``X coef^T + intercept``.
     y : ndarray of shape (n,)
         Targets (``"squared"``, ``"huber"``) or class indices 0..K-1.
-    w : ndarray of shape (n,), float64
+    w : ndarray of shape (n,), float64, or None
+        Row weights; None weighs every row 1 (and saves the products).
     family : str
         One of :data:`FAMILIES`. Pointwise losses, with ``r = z - y``:
         ``r^2 / 2`` (squared); ``r^2 / 2`` if ``|r| <= epsilon`` else
@@ -120,6 +128,9 @@ def pointwise(Z: np.ndarray, y: np.ndarray, w: np.ndarray, family: str, epsilon:
         classes).
     epsilon : float
         Huber's threshold.
+    curvature : bool, default=True
+        Also return the curvature (else None: stochastic gradient steps do not
+        use it).
 
     Returns
     -------
@@ -130,6 +141,7 @@ def pointwise(Z: np.ndarray, y: np.ndarray, w: np.ndarray, family: str, epsilon:
     curvature : ndarray of shape (n,) or None
         ``w_i d^2 loss_i / d z_i^2`` for the one-column smooth families.
     """
+    total = (lambda v: float(v.sum())) if w is None else (lambda v: float(w @ v))
     if family == "multinomial":
         yi = np.asarray(y, dtype=np.int64)
         rows = np.arange(Z.shape[0])
@@ -137,11 +149,12 @@ def pointwise(Z: np.ndarray, y: np.ndarray, w: np.ndarray, family: str, epsilon:
         zmax = Z.max(axis=1)
         R = Z - zmax[:, None]
         np.exp(R, out=R)
-        total = R.sum(axis=1)
-        loss = float(w @ (np.log(total) - (Z[rows, yi] - zmax)))
-        R /= total[:, None]
+        norm = R.sum(axis=1)
+        loss = total(np.log(norm) - (Z[rows, yi] - zmax))
+        R /= norm[:, None]
         R[rows, yi] -= 1.0
-        R *= w[:, None]
+        if w is not None:
+            R *= w[:, None]
         return loss, R, None
     if family == "hinge":
         yi = np.asarray(y, dtype=np.int64)
@@ -152,24 +165,34 @@ def pointwise(Z: np.ndarray, y: np.ndarray, w: np.ndarray, family: str, epsilon:
             S[np.arange(Z.shape[0]), yi] = 1.0
         margin = 1.0 - S * Z
         active = margin > 0
-        loss = float(w @ np.where(active, margin, 0.0).sum(axis=1))
-        return loss, np.where(active, -S, 0.0) * w[:, None], None
+        loss = total(np.where(active, margin, 0.0).sum(axis=1))
+        D = np.where(active, -S, 0.0)
+        return loss, D if w is None else D * w[:, None], None
     z, yf = Z[:, 0], np.asarray(y, dtype=np.float64)
-    if family == "squared":
+    if family in ("squared", "huber"):
         r = z - yf
-        return 0.5 * float(w @ (r * r)), (w * r)[:, None], w
-    if family == "huber":
-        r = z - yf
-        small = np.abs(r) <= epsilon
-        loss = float(w @ np.where(small, 0.5 * r * r, epsilon * np.abs(r) - 0.5 * epsilon ** 2))
-        return loss, (w * np.clip(r, -epsilon, epsilon))[:, None], w * small
+        if family == "squared":
+            loss, d, c = 0.5 * total(r * r), r, (np.ones_like(r) if w is None else w)
+        else:
+            small = np.abs(r) <= epsilon
+            loss = total(np.where(small, 0.5 * r * r, epsilon * np.abs(r) - 0.5 * epsilon ** 2))
+            d = np.clip(r, -epsilon, epsilon)
+            c = small.astype(np.float64) if w is None else w * small
+        return (loss, (d if w is None else w * d)[:, None],
+                c if curvature else None)
     if family == "binomial":
         # one exp serves both the log loss and the probability
         e = np.exp(-np.abs(z))
-        loss = float(w @ (np.maximum(z, 0.0) + np.log1p(e) - yf * z))
+        loss = total(np.maximum(z, 0.0) + np.log1p(e) - yf * z)
         inv = 1.0 / (1.0 + e)
         p = np.where(z >= 0, inv, e * inv)
-        return loss, (w * (p - yf))[:, None], w * p * (1.0 - p)
+        d = p - yf
+        if not curvature:
+            c = None
+        else:
+            c = p * (1.0 - p)
+            c = c if w is None else w * c
+        return loss, (d if w is None else w * d)[:, None], c
     raise ValueError(f"family={family!r} should be one of {FAMILIES}")
 
 
@@ -237,24 +260,29 @@ def glm_partial(
     else:
         wide = None
     sample = hessian_sample(int(offset), n, int(hessian_every)) if hessian else None
-    hess_weight = weight if sample is None else float(wf[sample].sum())
+    hess_weight = weight if sample is None else float(sum(wf[a:b].sum() for a, b in sample))
     for s in range(0, n, step):
-        Xb, wb, yb = X[s : s + step], wf[s : s + step], y[s : s + step]
+        Xb, yb = X[s : s + step], y[s : s + step]
+        wb = None if w is None else wf[s : s + step]
         if wide is not None:
             Xw = wide[: Xb.shape[0]]
             np.copyto(Xw, Xb)
             Z = Xw @ coef.T + intercept  # (rows, k)
         else:
             Z = (Xb @ coef_t).astype(np.float64) + intercept
-        part, D, curvature = pointwise(Z, yb, wb, family, epsilon)
+        whole = hessian and sample is None
+        part, D, curvature = pointwise(Z, yb, wb, family, epsilon, curvature=whole)
         loss += part
         g_coef += D.T.astype(X.dtype) @ Xb
         if fit_intercept:
             g_int += D.sum(axis=0)
-        if hessian and sample is None:
+        if whole:
             hess += _gram(Xb, curvature, fit_intercept)
-        elif hessian:
-            rows = sample[s : s + step]
-            if rows.any():
-                hess += _gram(Xb[rows], curvature[rows], fit_intercept)
+        elif hessian:  # the sampled runs in this sub-block: their curvature only
+            for a, b in sample:
+                a, b = max(a, s) - s, min(b, s + Xb.shape[0]) - s
+                if a < b:
+                    c = pointwise(Z[a:b], yb[a:b], None if wb is None else wb[a:b], family,
+                                  epsilon)[2]
+                    hess += _gram(Xb[a:b], c, fit_intercept)
     return GLMPartial(loss, grad, hess, weight, hess_weight if hessian else 0.0)

@@ -232,7 +232,6 @@ def local_sgd(
             return SGDPartial(m * theta, m, 0.0, 0, bad)
     if m == 0:
         return SGDPartial(m * theta, m, 0.0, 0, -1)
-    ws = np.ones(m) if ws is None else ws
     X = np.ascontiguousarray(X)
     buffer = np.empty((min(batch_size, m), d), dtype=X.dtype)
     theta = theta.copy()
@@ -247,11 +246,13 @@ def local_sgd(
         rows = index[s : s + batch_size]
         # gathered a mini-batch at a time into one buffer: cheaper than one big gather
         Xb = np.take(X, rows, axis=0, out=buffer if rows.size == buffer.shape[0] else None)
-        yb, wb = ys[s : s + batch_size], ws[s : s + batch_size]
-        Z = (Xb @ coef_t).astype(np.float64) + intercept
-        part_loss, D, _ = pointwise(Z, yb, wb, family, epsilon)
+        yb = ys[s : s + batch_size]
+        wb = None if ws is None else ws[s : s + batch_size]
+        Z = (Xb @ coef_t).astype(np.float64)
+        Z += intercept
+        part_loss, D, _ = pointwise(Z, yb, wb, family, epsilon, curvature=False)
         loss += part_loss
-        D /= Xb.shape[0]
+        D *= 1.0 / Xb.shape[0]
         g_coef = D.T.astype(X.dtype) @ Xb
         apply_update(coef, intercept, g_coef, D.sum(axis=0), learning_rate(schedule, t),
                      alpha, l1_ratio, fit_intercept, l1_state)
