@@ -146,10 +146,22 @@ def run(args: argparse.Namespace) -> dict:
             except ImportError as exc:
                 print(f"  dask-ml not installed ({exc}); pip install -e '.[bench]'")
             else:
+                from distributed import wait
+
+                # both on the store's chunks persisted in the workers' memory first (not timed)
                 Xd = da.from_zarr(str(path), component="X").persist()
+                wait(Xd)
+                fits = []
+                for _ in range(args.repeat):
+                    km = dmlkit.KMeans(args.k, init=init, max_iter=it, tol=0)
+                    fits.append((timed(lambda: km.fit(Xd))[0], km))
+                secs, km = sorted(fits, key=lambda f: f[0])[len(fits) // 2]
+                record("dmlkit KMeans (in the workers' memory)", secs, km.n_iter_, km.inertia_,
+                       note=f"X persisted first, as for dask-ml; median of {args.repeat} fits")
                 dm = DMKMeans(n_clusters=args.k, init=init, max_iter=it, tol=0)
                 secs, _ = timed(lambda: dm.fit(Xd))
-                record("dask-ml KMeans (cached)", secs, dm.n_iter_, dm.inertia_)
+                record("dask-ml KMeans (in the workers' memory)", secs, dm.n_iter_, dm.inertia_,
+                       note="X persisted first")
                 del Xd
     finally:
         client.close()
@@ -166,8 +178,12 @@ def run(args: argparse.Namespace) -> dict:
         "cached_fit_vs_sklearn_fit": cached["seconds"] / ref["seconds"],
         "streaming_iter_vs_raw_read": streaming["lloyd_seconds_per_iter"] / results["raw_read_seconds"],
     }
-    if "dask-ml KMeans (cached)" in rows:
-        summary["dask_ml_fit_vs_cached_fit"] = rows["dask-ml KMeans (cached)"]["seconds"] / cached["seconds"]
+    if "dask-ml KMeans (in the workers' memory)" in rows:
+        summary["dask_ml_fit_vs_in_memory_fit"] = (
+            rows["dask-ml KMeans (in the workers' memory)"]["seconds"]
+            / rows["dmlkit KMeans (in the workers' memory)"]["seconds"])
+        summary["dask_ml_fit_vs_cached_fit"] = (
+            rows["dask-ml KMeans (in the workers' memory)"]["seconds"] / cached["seconds"])
     results["summary"] = summary
     return results
 
@@ -204,8 +220,11 @@ def report(results: dict) -> str:
         diffs = ", ".join(f"{r['method']} {abs(r['inertia'] - f64) / f64:.1e}"
                           for r in results["rows"] if "reference" not in r["method"])
         lines.append(f"- relative inertia difference from the float64 reference: {diffs}")
-    if "dask_ml_fit_vs_cached_fit" in s:
-        lines.append(f"- dask-ml fit time / dmlkit cached fit time: {s['dask_ml_fit_vs_cached_fit']:.1f}x")
+    if "dask_ml_fit_vs_in_memory_fit" in s:
+        lines.append("- dask-ml fit time / dmlkit fit time, both on X persisted in the workers' "
+                     f"memory first: {s['dask_ml_fit_vs_in_memory_fit']:.1f}x (dmlkit's cached "
+                     f"fit from the store path, reading included: "
+                     f"{s['dask_ml_fit_vs_cached_fit']:.1f}x)")
     return "\n".join(lines) + "\n"
 
 

@@ -3,7 +3,8 @@
 Generates (once) the course's ``large`` blobs dataset, 200,000,000 x 32
 float32 (25.6 GB), fits ``dmlkit.KMeans`` on the store path with
 ``cache="auto"`` (which must choose to stream) and records the time of every
-pass and the largest resident memory of any worker while it runs.
+pass, the time of one pass that only reads the store, and the largest
+resident memory of any worker while it runs.
 
     python -m benchmarks outofcore                     # the large dataset (about 80 GB free disk)
     python -m benchmarks outofcore --size medium       # a quick check of the script
@@ -57,16 +58,22 @@ def run(args: argparse.Namespace) -> dict:
     from dmlkit import data
     from dmlkit.datasets import ensure_dataset
 
+    from benchmarks.kmeans import raw_read_seconds
+
     gen_s, path = timed(lambda: ensure_dataset("blobs", args.size, out=args.data))
     X = data.as_matrix(path)
     total_memory = psutil.virtual_memory().total
     client = dmlkit.connect("local", n_workers=args.workers, threads_per_worker=1, quiet=True)
     try:
         budget = data.memory_budget()
+        # a pass that only reads every chunk, through the same machinery as the fit's passes
+        # (before and after the fit: this disk's speed varies)
+        read_s = raw_read_seconds(path, repeat=1)
         km = dmlkit.KMeans(args.k, init=args.init, max_iter=args.iters, random_state=0,
                            cache="auto")
         with _PeakMemory(client) as mem:
             fit_s, _ = timed(lambda: km.fit(path))
+        read_s = [read_s, raw_read_seconds(path, repeat=1)]  # before and after the fit
         worker_limit = min(w["memory_limit"] for w in
                            client.scheduler_info(n_workers=-1)["workers"].values())
     finally:
@@ -80,6 +87,8 @@ def run(args: argparse.Namespace) -> dict:
         "fit_seconds": fit_s, "n_passes": km.n_passes_, "n_iter": km.n_iter_,
         "iteration_seconds": iters, "median_iteration_seconds": float(np.median(iters)),
         "read_gb_per_s": X.nbytes / float(np.median(iters)) / 1e9,
+        "raw_read_seconds": min(read_s), "raw_read_seconds_before_after": read_s,
+        "iteration_vs_raw_read": float(np.median(iters)) / min(read_s),
         "peak_worker_rss_bytes": int(mem.peak), "worker_memory_limit_bytes": int(worker_limit),
         "inertia": km.inertia_,
     }
@@ -94,6 +103,10 @@ def report(r: dict) -> str:
         ("fit", f"{r['fit_seconds']:.0f} s, {r['n_passes']} passes, {r['n_iter']} Lloyd iterations"),
         ("Lloyd iteration (median)", f"{r['median_iteration_seconds']:.1f} s "
                                      f"({r['read_gb_per_s']:.2f} GB/s of X)"),
+        ("raw read of X (one pass, nothing computed; before / after the fit)",
+         " / ".join(f"{t:.1f} s ({r['store_bytes'] / t / gb:.2f} GB/s)"
+                    for t in r["raw_read_seconds_before_after"])),
+        ("Lloyd iteration / raw read", f"{r['iteration_vs_raw_read']:.2f}x"),
         ("largest worker resident memory", f"{r['peak_worker_rss_bytes'] / gb:.2f} GB "
                                            f"(limit {r['worker_memory_limit_bytes'] / gb:.1f} GB)"),
     ]
