@@ -106,9 +106,11 @@ class Resident:
     :meth:`run` returns None for good and the caller runs tasks.
     """
 
-    def __init__(self, futures: Sequence, offsets: Sequence[int], client):
+    def __init__(self, futures: Sequence, offsets: Sequence[int], client,
+                 slots: Sequence | None = None):
         self.client = client
         self.futures = futures
+        self.slots = slots  # the worker thread of each block, when known to hold it
         self.offsets = [int(o) for o in offsets]
         self.actors: dict | None = None  # worker address -> actor future, once created
         self.handles: dict | None = None
@@ -117,18 +119,23 @@ class Resident:
     def _create(self) -> None:
         """Submit one actor per worker holding blocks, next to them."""
         X = self.futures[0]
-        holders = self.client.who_has(X)
-        workers = self.client.scheduler_info(n_workers=-1)["workers"]
-        where = [sorted(holders.get(f.key) or ["?"])[0] for f in X]
-        if any(addr not in workers for addr in where):
-            self.close()  # a block without a (live) holder: tasks will recompute it
-            return
+        if self.slots is not None:  # the holders the scheduler named when X was cached
+            where = [addr for addr, _ in self.slots]
+            nthreads = {addr: 1 + max(t for a, t in self.slots if a == addr) for addr in where}
+        else:
+            holders = self.client.who_has(X)
+            workers = self.client.scheduler_info(n_workers=-1)["workers"]
+            where = [sorted(holders.get(f.key) or ["?"])[0] for f in X]
+            if any(addr not in workers for addr in where):
+                self.close()  # a block without a (live) holder: tasks will recompute it
+                return
+            nthreads = {addr: max(1, info.get("nthreads", 1)) for addr, info in workers.items()}
         mine: dict[str, list] = {}
         for b, addr in enumerate(where):
             mine.setdefault(addr, []).append(b)
         self.actors = {}
         for addr, blocks in mine.items():
-            t = min(max(1, workers[addr].get("nthreads", 1)), len(blocks))
+            t = min(nthreads[addr], len(blocks))
             groups = [blocks[i * len(blocks) // t : (i + 1) * len(blocks) // t] for i in range(t)]
             xs, ws, ys = (None if f is None else {b: f[b] for b in blocks} for f in self.futures)
             self.actors[addr] = self.client.submit(
@@ -203,4 +210,5 @@ def create(blocks: Any) -> Resident | None:
         if not all(k in held for k in keys):
             return None  # derived from held data, not held itself
         futures.append([held[k] for k in keys])
-    return Resident(futures, blocks.offsets, futures[0][0].client)
+    held = blocks.slots if getattr(blocks.X, "_dmlkit_held", False) else None
+    return Resident(futures, blocks.offsets, futures[0][0].client, held)

@@ -427,7 +427,9 @@ def persist_placed(arrays: Sequence[da.Array | None], client) -> list[da.Array |
     workers either. The placement is a preference: if a worker dies, its
     blocks are recomputed on another one (from the source; data scattered
     from the client cannot be). If ``X`` itself is already persisted it stays
-    where it is (no copy) and the other arrays join its blocks. The returned
+    where it is (no copy), and so do the other arrays that are; the others are
+    computed next to ``X``'s blocks (a resident pass's actors fetch the few
+    blocks of ``y`` or the weights held elsewhere once, when they start). The returned
     arrays carry which worker thread holds each block (``_dmlkit_slots``), so
     that passes map one task per thread (:class:`dmlkit._graph.RowBlocks`).
     """
@@ -446,7 +448,7 @@ def persist_placed(arrays: Sequence[da.Array | None], client) -> list[da.Array |
     where = [addr for addr, _ in slots]
     names, sources = [], []
     for j, a in enumerate(live):
-        if j == 0 and x_held:
+        if x_held and all(key in held[j] for key in keys[j]):  # all persisted by the caller
             names.append(a.name)
             sources.append(None)
         elif all(key in held[j] for key in keys[j]):  # persisted by the caller, elsewhere
@@ -486,6 +488,8 @@ def persist_placed(arrays: Sequence[da.Array | None], client) -> list[da.Array |
         graph = HighLevelGraph.from_collections(name, layer, dependencies=())
         placed = da.Array(graph, name, a.chunks, dtype=a.dtype, meta=a._meta)
         placed._dmlkit_slots = slots  # which worker thread holds each block
+        if x_held:  # slots read from the scheduler just now (not a placement preference)
+            placed._dmlkit_held = True
         out.append(placed)
     it = iter(out)
     return [None if a is None else next(it) for a in arrays]

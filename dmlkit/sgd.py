@@ -45,10 +45,8 @@ from dmlkit.kmeans import _integer_seed
 from dmlkit.linear_model import (
     LinearClassifierMixin,
     LinearRegressorMixin,
-    _labels_to_index,
     class_weight_rows,
     find_classes,
-    index_dtype,
     prepare_supervised,
 )
 
@@ -59,22 +57,30 @@ _PENALTIES = ("l2", "l1", "elasticnet", None)
 
 
 def _curvature_sample(X: np.ndarray, offset: int, seed: int, row_base: int,
-                      shuffle: bool) -> np.ndarray:
-    """The first :data:`CURVATURE_SAMPLE_ROWS` rows of a shard in its first epoch's order."""
+                      shuffle: bool, fit_intercept: bool) -> tuple[np.ndarray, int]:
+    """``(G, m)``: the Gram matrix ``A^T A`` (float64) of the finite rows ``A`` (with a
+    column of ones for the intercept) among the first :data:`CURVATURE_SAMPLE_ROWS` rows
+    of a shard in its first epoch's order, and their number.
+
+    Computed where the shard is: only a small matrix travels, and the caller
+    does no product (whose BLAS threads would compete with the workers').
+    """
     order = kernels.shard_permutation(X.shape[0], seed, 0, row_base + offset, shuffle)
-    return _graph.aligned(X)[order[:CURVATURE_SAMPLE_ROWS]]
+    A = np.asarray(_graph.aligned(X)[order[:CURVATURE_SAMPLE_ROWS]], dtype=np.float64)
+    A = A[np.isfinite(A).all(axis=1)]
+    if fit_intercept:
+        A = np.hstack([A, np.ones((A.shape[0], 1))])
+    return A.T @ A, A.shape[0]
 
 
-def _curvature_bound(X: np.ndarray, family: str, fit_intercept: bool) -> float:
-    """An estimate of the largest curvature of the mean loss, from a sample of rows.
+def _curvature_bound(gram: np.ndarray, m: int, family: str) -> float:
+    """An estimate of the largest curvature of the mean loss, from a sample's Gram matrix.
 
-    ``c * lambda_max([X 1]^T [X 1] / m)`` with ``c`` the loss's largest second
+    ``c * lambda_max(G / m)`` with ``G = A^T A`` over ``m`` rows ``A``
+    (:func:`_curvature_sample`) and ``c`` the loss's largest second
     derivative: 1/4 (log loss), 1/2 (softmax, Bohning's bound), 1 otherwise.
     """
-    X = np.asarray(X, dtype=np.float64)
-    if fit_intercept:
-        X = np.hstack([X, np.ones((X.shape[0], 1))])
-    lam = float(np.linalg.eigvalsh(X.T @ X / max(X.shape[0], 1))[-1])
+    lam = float(np.linalg.eigvalsh(gram / max(m, 1))[-1])
     c = {"binomial": 0.25, "multinomial": 0.5}.get(family, 1.0)
     return max(c * lam, 1e-12)
 
@@ -142,10 +148,10 @@ class _BaseSGD(BaseEstimator):
 
     # ---------------------------------------------------------------- state
     def _start(self, blocks: _graph.RowBlocks, n_features: int, n_classes: int,
-               sample: np.ndarray | None = None, seed: int | None = None) -> None:
+               sample: tuple | None = None, seed: int | None = None) -> None:
         """Fresh parameters, counters and learning rate; assumes validated parameters.
 
-        ``sample`` is :meth:`_eta0_sample`'s rows when already computed, drawn
+        ``sample`` is :meth:`_eta0_sample`'s result when already computed, drawn
         with ``seed`` (else a seed is drawn from ``random_state`` here).
         """
         self._seed = _integer_seed(self.random_state) if seed is None else seed
@@ -164,10 +170,9 @@ class _BaseSGD(BaseEstimator):
                 and self.learning_rate != "optimal")
 
     def _eta0_sample(self, X_in, seed: int) -> Any:
-        """The rows ``eta0="auto"`` is estimated from, lazily: the first
-        :data:`CURVATURE_SAMPLE_ROWS` rows of the first shard of a fresh fit's
-        first epoch with ``seed``, in visiting order (None when ``eta0`` is
-        not "auto")."""
+        """What ``eta0="auto"`` is estimated from, lazily: :func:`_curvature_sample`
+        of the first shard of a fresh fit's first epoch with ``seed`` (None when
+        ``eta0`` is not "auto")."""
         if not self._auto_eta0():
             return None
         n = X_in.shape[0]
@@ -175,9 +180,10 @@ class _BaseSGD(BaseEstimator):
         start = first * self.shard_rows
         # on a worker that holds the shard: only the sample's rows travel
         return dask.delayed(_curvature_sample, pure=True)(
-            X_in[start : start + self.shard_rows], start, seed, 0, self.shuffle)
+            X_in[start : start + self.shard_rows], start, seed, 0, self.shuffle,
+            self.fit_intercept)
 
-    def _initial_eta0(self, blocks: _graph.RowBlocks, sample: np.ndarray | None = None) -> float:
+    def _initial_eta0(self, blocks: _graph.RowBlocks, sample: tuple | None = None) -> float:
         if not (isinstance(self.eta0, str) and self.eta0 == "auto"):
             return float(self.eta0)
         if self.learning_rate == "optimal":
@@ -188,9 +194,8 @@ class _BaseSGD(BaseEstimator):
                                             self._rows_seen)[0])
             sample, = _graph.compute(dask.delayed(_curvature_sample, pure=True)(
                 blocks.X.blocks[first], int(blocks.offsets[first]), self._seed,
-                self._rows_seen, self.shuffle))
-        finite = np.isfinite(sample).all(axis=1)
-        return 1.0 / _curvature_bound(sample[finite], self._family, self.fit_intercept)
+                self._rows_seen, self.shuffle, self.fit_intercept))
+        return 1.0 / _curvature_bound(*sample, self._family)
 
     def _schedule(self) -> dict:
         alpha, _ = self._alpha_l1_ratio()
@@ -206,6 +211,7 @@ class _BaseSGD(BaseEstimator):
 
     def _common(self, pass_index: int) -> dict:
         return {"family": self._family, "n_classes": self._n_classes,
+                "classes": getattr(self, "classes_", None),
                 "fit_intercept": self.fit_intercept, "epsilon": float(self._epsilon()),
                 "seed": self._seed, "pass_index": pass_index, "row_base": self._rows_seen,
                 "shuffle": self.shuffle}
@@ -502,10 +508,11 @@ class SGDClassifier(ClassifierMixin, LinearClassifierMixin, _BaseSGD):
         self.coef_, self.intercept_ = coef, intercept
 
     def _labelled(self, X, y, sample_weight, classes, counts):
+        """``X``, the labels (the kernels turn those they visit into class numbers) and the
+        row weights."""
         X_in, y_in, w_in = prepare_supervised(X, y, sample_weight)
-        y_idx = y_in.map_blocks(_checked_index, classes, dtype=index_dtype(classes.size))
         w_fit = class_weight_rows(self.class_weight, w_in, y_in, classes, counts)
-        return X_in, y_idx, w_fit
+        return X_in, y_in, w_fit
 
     def fit(self, X: Any, y: Any = None, sample_weight: Any = None) -> "SGDClassifier":
         """Fit from scratch on ``X`` (array, dask, xarray or Zarr path) and labels ``y``."""
@@ -519,8 +526,8 @@ class SGDClassifier(ClassifierMixin, LinearClassifierMixin, _BaseSGD):
                                                 *([lazy] if lazy is not None else []))
         self.classes_ = classes
         self._set_family(classes.size)
-        X_in, y_idx, w_fit = self._labelled(X, y, sample_weight, classes, counts)
-        blocks = self._blocks(X_in, y_idx, w_fit, X)
+        X_in, y_fit, w_fit = self._labelled(X, y, sample_weight, classes, counts)
+        blocks = self._blocks(X_in, y_fit, w_fit, X)
         self._start(blocks, X_in.shape[1], classes.size, sample[0] if sample else None, seed)
         self._fit(blocks)
         return self
@@ -556,11 +563,11 @@ class SGDClassifier(ClassifierMixin, LinearClassifierMixin, _BaseSGD):
             raise ValueError(f"classes={np.asarray(classes).tolist()} differs from the classes "
                              f"of the first call {self.classes_.tolist()}")
         cls = classes if first else self.classes_
-        X_in, y_idx, w_fit = self._labelled(X, y, sample_weight, cls, np.ones(cls.size))
+        X_in, y_fit, w_fit = self._labelled(X, y, sample_weight, cls, np.ones(cls.size))
         if not first and X_in.shape[1] != self.n_features_in_:
             raise ValueError(f"X has {X_in.shape[1]} features; this model was fitted on "
                              f"{self.n_features_in_}")
-        blocks = self._blocks(X_in, y_idx, w_fit, X)
+        blocks = self._blocks(X_in, y_fit, w_fit, X)
         if first:
             self.classes_ = cls
             self._set_family(cls.size)
@@ -575,15 +582,6 @@ class SGDClassifier(ClassifierMixin, LinearClassifierMixin, _BaseSGD):
             raise AttributeError(f"probability estimates are not available for loss={self.loss!r}; "
                                  "use loss='log_loss'")
         return super().predict_proba(X)
-
-
-def _checked_index(y, classes):
-    idx = _labels_to_index(y, classes)
-    bad = (idx >= classes.size) | (classes[np.minimum(idx, classes.size - 1)] != y)
-    if bad.any():
-        raise ValueError(f"y holds labels {np.unique(y[bad]).tolist()} that are not in classes "
-                         f"{classes.tolist()}")
-    return idx
 
 
 class SGDRegressor(RegressorMixin, LinearRegressorMixin, _BaseSGD):

@@ -202,7 +202,7 @@ def test_cached_blocks_are_spread_evenly_next_to_their_rows(client, store):
     assert_array_equal(yc.compute(), np.arange(X.shape[0]))
 
 
-def test_a_persisted_X_stays_put_and_y_joins_it(client, store):
+def test_a_persisted_X_stays_put_so_does_a_persisted_y_and_a_computed_one_joins_it(client, store):
     from distributed import futures_of, wait
 
     from dmlkit import data
@@ -215,16 +215,19 @@ def test_a_persisted_X_stays_put_and_y_joins_it(client, store):
     Xp = client.persist(Xd, workers=workers[:1])
     yp = client.persist(yd, workers=workers[1:])
     wait([Xp, yp])
-    Xc, (yc,), _ = data.cache(Xp, [yp], True, Xp)
-    wait(futures_of(Xc) + futures_of(yc))
-    holders = client.who_has(futures_of(Xc) + futures_of(yc))
-    assert Xc.name == Xp.name  # the same blocks: no copy of X
+    Xc, (yc, zc), _ = data.cache(Xp, [yp, yp + 1.0], True, Xp)
+    wait(futures_of(Xc) + futures_of(yc) + futures_of(zc))
+    holders = client.who_has(futures_of(Xc) + futures_of(yc) + futures_of(zc))
+    assert Xc.name == Xp.name and yc.name == yp.name  # the same blocks: no copies
     x_at = [holders[(Xc.name, i, 0)] for i in range(2)]
     assert x_at == [(workers[0],)] * 2
-    assert x_at == [holders[(yc.name, i)] for i in range(2)]  # y moved next to X
+    # (also copied where y + 1 was computed)
+    assert all(workers[1] in holders[(yc.name, i)] for i in range(2))
+    assert x_at == [holders[(zc.name, i)] for i in range(2)]  # computed next to X
     assert Xc._dmlkit_slots == [(workers[0], 0), (workers[0], 0)]
     assert_array_equal(Xc.compute(), X)
     assert_array_equal(yc.compute(), np.arange(X.shape[0]))
+    assert_array_equal(zc.compute(), np.arange(X.shape[0]) + 1.0)
 
 
 def test_cached_and_streamed_fits_give_the_same_bits(client, tmp_path):

@@ -169,6 +169,22 @@ def combine_sgd(a: SGDPartial, b: SGDPartial) -> SGDPartial:
                       max(a.steps, b.steps), _first_bad(a.bad, b.bad))
 
 
+def class_index(y: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """The class numbers of labels ``y`` (their positions in the sorted ``classes``).
+
+    Raises
+    ------
+    ValueError
+        If ``y`` holds labels that are not in ``classes``.
+    """
+    idx = np.searchsorted(classes, y)
+    bad = (idx >= classes.size) | (classes[np.minimum(idx, classes.size - 1)] != y)
+    if bad.any():
+        raise ValueError(f"y holds labels {np.unique(y[bad]).tolist()} that are not in classes "
+                         f"{classes.tolist()}")
+    return idx
+
+
 def _slice(n: int, part: int, n_parts: int) -> slice:
     return slice(part * n // n_parts, (part + 1) * n // n_parts)
 
@@ -193,7 +209,7 @@ def local_sgd(
     X: np.ndarray, w: np.ndarray | None, offset: int, *, y: np.ndarray, theta: np.ndarray,
     family: str, n_classes: int, fit_intercept: bool, epsilon: float, alpha: float,
     l1_ratio: float, schedule: dict, t_start: float, batch_size: int, part: int, n_parts: int,
-    seed: int, pass_index: int, row_base: int, shuffle: bool,
+    seed: int, pass_index: int, row_base: int, shuffle: bool, classes: np.ndarray | None = None,
 ) -> SGDPartial:
     """Mini-batch SGD over slice ``part`` of ``n_parts`` of this shard's rows in visiting order.
 
@@ -203,7 +219,7 @@ def local_sgd(
         One shard (``offset`` its first row in this input, ``row_base + offset`` its
         global row number, which names it).
     w, y : ndarray of shape (n,)
-        Weights (or None) and targets / class indices.
+        Weights (or None) and targets, or labels with ``classes``.
     theta : ndarray of shape (p,)
         Starting parameters (see :mod:`dmlkit._kernels.glm`).
     schedule : dict
@@ -211,6 +227,9 @@ def local_sgd(
         ``learning_rate(schedule, t_start + j)``.
     batch_size : int
         Rows per local update; the gradient is ``sum_i w_i grad_i / rows``.
+    classes : ndarray or None
+        Sorted class labels: ``y`` holds labels, turned into class numbers here
+        (:func:`class_index`), only for the rows this call visits.
 
     Returns
     -------
@@ -232,6 +251,8 @@ def local_sgd(
             return SGDPartial(m * theta, m, 0.0, 0, bad)
     if m == 0:
         return SGDPartial(m * theta, m, 0.0, 0, -1)
+    if classes is not None:
+        ys = class_index(ys, classes)
     X = np.ascontiguousarray(X)
     buffer = np.empty((min(batch_size, m), d), dtype=X.dtype)
     theta = theta.copy()
@@ -277,9 +298,10 @@ def combine_step(a: StepPartial, b: StepPartial) -> StepPartial:
 def step_partial(
     X: np.ndarray, w: np.ndarray | None, offset: int, *, y: np.ndarray, theta: np.ndarray,
     family: str, n_classes: int, fit_intercept: bool, epsilon: float, step: int, n_steps: int,
-    seed: int, pass_index: int, row_base: int, shuffle: bool,
+    seed: int, pass_index: int, row_base: int, shuffle: bool, classes: np.ndarray | None = None,
 ) -> StepPartial:
-    """Loss and gradient sums of slice ``step`` of ``n_steps`` of a shard already in visiting order."""
+    """Loss and gradient sums of slice ``step`` of ``n_steps`` of a shard already in visiting
+    order (``y`` holds labels with ``classes``, as in :func:`local_sgd`)."""
     n = X.shape[0]
     sl = _slice(n, step, n_steps)
     Xs, ys = X[sl], y[sl]
@@ -291,6 +313,8 @@ def step_partial(
         bad = int(shard + shard_permutation(n, seed, pass_index, shard, shuffle)[bad])
         empty = GLMPartial(0.0, np.zeros(theta.size), None, 0.0)
         return StepPartial(empty, 0, bad)
+    if classes is not None:
+        ys = class_index(ys, classes)
     part = glm_partial(Xs, ws, offset, y=ys, theta=theta, family=family,
                        fit_intercept=fit_intercept, n_classes=n_classes, epsilon=epsilon)
     return StepPartial(part, Xs.shape[0], -1)
