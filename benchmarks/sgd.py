@@ -10,6 +10,9 @@ from the start, so "seconds" is the time to have made ``k`` passes, reading
 included where dmlkit fits from the Zarr path (the fastest of ``--repeat``
 fits, for every contender); the first dmlkit row fits data
 already held in the workers' memory, as scikit-learn's is in its process.
+dask-ml's Incremental shuffles the order of the blocks: it runs with
+``--dask-ml-seeds`` (each its own curve) and the comparison takes the median
+seed's time to 1%.
 Every objective is recomputed here in float64 on the in-memory data.
 
     python -m benchmarks sgd                    # 2,000,000 x 32, 3 epochs
@@ -117,16 +120,20 @@ def run(args: argparse.Namespace) -> dict:
         if not args.skip_dask_ml:
             from dask_ml.wrappers import Incremental
 
-            def dask_ml_fit(k):
-                inc = Incremental(SKSGD(loss="log_loss", alpha=alpha, tol=None, random_state=0))
+            # Incremental shuffles the order of the blocks: seeded, so that each curve is one
+            # model's, and over several seeds, which reach 1% after different epochs
+            for seed in args.dask_ml_seeds:
+                def dask_ml_fit(k, seed=seed):
+                    inc = Incremental(SKSGD(loss="log_loss", alpha=alpha, tol=None,
+                                            random_state=0), random_state=seed)
 
-                def passes():
-                    for _ in range(k):
-                        inc.partial_fit(Xd, yd, classes=[0, 1])
-                seconds, _ = timed(passes)
-                return seconds, inc.estimator_.coef_, inc.estimator_.intercept_
+                    def passes():
+                        for _ in range(k):
+                            inc.partial_fit(Xd, yd, classes=[0, 1])
+                    seconds, _ = timed(passes)
+                    return seconds, inc.estimator_.coef_, inc.estimator_.intercept_
 
-            curve("dask-ml Incremental(SGDClassifier)", dask_ml_fit)
+                curve(f"dask-ml Incremental(SGDClassifier) random_state={seed}", dask_ml_fit)
 
         # the full-batch optimum, last: after a cached full-batch fit, SGD rounds on the
         # same workers ran 2-3x slower in this benchmark (not understood yet)
@@ -185,20 +192,19 @@ def report(results: dict) -> str:
     sk = results["summary"].get("scikit-learn SGDClassifier", {})
     loc = results["summary"].get(
         "dmlkit SGDClassifier mode=local (data in the workers' memory)", {})
-    dm = results["summary"].get("dask-ml Incremental(SGDClassifier)")
     if sk.get("seconds_to_target") and loc.get("seconds_to_target"):
         lines.append(f"Time to 1%: scikit-learn / dmlkit local (in memory) = "
                      f"{sk['seconds_to_target'] / loc['seconds_to_target']:.2f}x.")
-    if dm is not None and loc.get("seconds_to_target"):
-        if dm.get("seconds_to_target"):
-            lines.append(f"Time to 1%: dask-ml / dmlkit local (in memory) = "
-                         f"{dm['seconds_to_target'] / loc['seconds_to_target']:.1f}x.")
-        else:
-            last = results["curves"]["dask-ml Incremental(SGDClassifier)"][-1]
-            lines.append(f"dask-ml did not reach 1% in {last['epochs']} epochs "
-                         f"({last['seconds']:.1f} s, "
-                         f"{last['seconds'] / loc['seconds_to_target']:.1f}x dmlkit local's time "
-                         "to 1%).")
+    dm = {name: s for name, s in results["summary"].items() if name.startswith("dask-ml")}
+    if dm and loc.get("seconds_to_target"):
+        # a seed that does not reach 1% counts as slower than every one that does
+        times = sorted(s["seconds_to_target"] or np.inf for s in dm.values())
+        median = times[len(times) // 2]
+        each = ", ".join(f"{t:.2f} s" if np.isfinite(t) else "not reached" for t in times)
+        lines.append(f"Time to 1%: dask-ml (median over its {len(times)} seeds: {each}) / dmlkit "
+                     f"local (in memory) = {median / loc['seconds_to_target']:.1f}x."
+                     if np.isfinite(median) else
+                     f"dask-ml's median seed did not reach 1% in {cfg['epochs']} epochs ({each}).")
     lines.append("")
     return "\n".join(lines)
 
@@ -214,5 +220,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--data", default="data")
     p.add_argument("--skip-dask-ml", action="store_true")
+    p.add_argument("--dask-ml-seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="random_state of dask-ml's Incremental (the order of the blocks)")
     p.add_argument("--repeat", type=int, default=2,
                    help="fits per contender and number of epochs; the fastest is reported")
