@@ -62,25 +62,35 @@ def assign(X: np.ndarray, centers: np.ndarray, center_sq: np.ndarray | None = No
         Exact squared Euclidean distance ``||x - c_label||^2`` computed from the
         difference (not the expanded form), so sums of it are the true inertia.
     """
-    if center_sq is None:
-        center_sq = np.einsum("ij,ij->i", centers, centers)
-    scores = X @ centers.T
-    scores *= -2.0
-    scores += center_sq
-    labels = scores.argmin(axis=1)
+    labels = nearest_centers(X, centers, center_sq)
     diff = X - centers[labels]
     d2 = np.einsum("ij,ij->i", diff, diff)
     return labels, d2
 
 
-def min_sq_distances(X: np.ndarray, centers: np.ndarray) -> np.ndarray:
-    """Squared distance of each row to its nearest centre (expanded form, clipped at 0)."""
-    x2 = np.einsum("ij,ij->i", X, X)
-    c2 = np.einsum("ij,ij->i", centers, centers)
+def nearest_centers(X: np.ndarray, centers: np.ndarray,
+                    center_sq: np.ndarray | None = None) -> np.ndarray:
+    """Index of the nearest centre of each row (the labels of :func:`assign`)."""
+    if center_sq is None:
+        center_sq = np.einsum("ij,ij->i", centers, centers)
     scores = X @ centers.T
     scores *= -2.0
-    scores += c2
-    d2 = scores.min(axis=1)
+    scores += center_sq
+    return scores.argmin(axis=1)
+
+
+def min_sq_distances(X: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    """Squared distance of each row to its nearest centre (expanded form, clipped at 0).
+
+    The scores ``||c||^2 - 2 c.x`` are computed as a (centres x rows) product,
+    so that the minimum over the centres is one vectorised pass (along the
+    short axis of a (rows x centres) product NumPy reduces row by row).
+    """
+    x2 = np.einsum("ij,ij->i", X, X)
+    c2 = np.einsum("ij,ij->i", centers, centers)
+    scores = (-2.0 * centers).astype(centers.dtype, copy=False) @ X.T
+    scores += c2[:, None]
+    d2 = np.minimum.reduce(scores, axis=0)
     d2 += x2
     return np.maximum(d2, 0, out=d2)
 
@@ -400,7 +410,7 @@ def assign_weights_partial(
     step = _block_rows(C.shape[0])
     out = np.zeros(C.shape[0])
     for s in range(0, X.shape[0], step):
-        labels, _ = assign(X[s : s + step], C, c2)
+        labels = nearest_centers(X[s : s + step], C, c2)
         wb = None if w is None else w[s : s + step]
         out += np.bincount(labels, weights=wb, minlength=C.shape[0])
     return out
