@@ -398,22 +398,60 @@ def block_slots(n_blocks: int, client) -> list[tuple[str, int]]:
     return [slots[i * len(slots) // n_blocks] for i in range(n_blocks)]
 
 
-def _held_slots(futures: list, client) -> list[tuple[str, int]]:
-    """The worker thread of blocks already in the cluster's memory: where they are, each
-    worker's blocks shared out in order among its threads."""
+def _held_where(futures: list, client) -> tuple[list[str], dict[str, int]]:
+    """The worker that holds each of the blocks already in the cluster's memory, and the
+    threads of every worker."""
     from distributed import wait
 
     wait(futures)
     holders = client.who_has(futures)
     nthreads = {addr: max(1, info.get("nthreads", 1)) for addr, info in
                 client.scheduler_info(n_workers=-1)["workers"].items()}
-    where = [sorted(holders.get(f.key) or ["?"])[0] for f in futures]
+    return [sorted(holders.get(f.key) or ["?"])[0] for f in futures], nthreads
+
+
+def _thread_slots(where: Sequence[str], nthreads: dict[str, int]) -> list[tuple[str, int]]:
+    """``(worker, thread)`` of each block: each worker's blocks shared out in order among its
+    threads."""
     total = Counter(where)
     slots, seen = [], Counter()
     for addr in where:
         slots.append((addr, seen[addr] * nthreads.get(addr, 1) // total[addr]))
         seen[addr] += 1
     return slots
+
+
+def rebalanced(where: Sequence[str], rows: Sequence[int],
+               nthreads: dict[str, int]) -> list[str]:
+    """Holders for the blocks that give every worker about its threads' share of the rows,
+    moving few blocks.
+
+    A block moves, from the end of an overloaded worker's blocks, only to the
+    worker furthest under its share and only when that brings the two closer
+    to their shares: the first pass persisted by a caller typically leaves
+    one worker a third more blocks than the other, which then makes every
+    pass of an iterative fit wait for it.
+    """
+    live = [a for a in nthreads]
+    if len(live) < 2 or any(a not in nthreads for a in where):
+        return list(where)
+    total, threads = float(sum(rows)), sum(nthreads.values())
+    share = {a: total * nthreads[a] / threads for a in live}
+    load = dict.fromkeys(live, 0.0)
+    for b, a in enumerate(where):
+        load[a] += rows[b]
+    new = list(where)
+    for b in reversed(range(len(new))):
+        src = new[b]
+        dst = min(live, key=lambda a: (load[a] - share[a], a))
+        r = rows[b]
+        # moving improves the larger of the two excesses (ties stay put)
+        if dst != src and max(load[src] - r - share[src], load[dst] + r - share[dst]) < \
+                max(load[src] - share[src], load[dst] - share[dst]) - 1e-9 * total:
+            new[b] = dst
+            load[src] -= r
+            load[dst] += r
+    return new
 
 
 def persist_placed(arrays: Sequence[da.Array | None], client) -> list[da.Array | None]:
@@ -429,7 +467,10 @@ def persist_placed(arrays: Sequence[da.Array | None], client) -> list[da.Array |
     from the client cannot be). If ``X`` itself is already persisted it stays
     where it is (no copy), and so do the other arrays that are; the others are
     computed next to ``X``'s blocks (a resident pass's actors fetch the few
-    blocks of ``y`` or the weights held elsewhere once, when they start). The returned
+    blocks of ``y`` or the weights held elsewhere once, when they start). Unless
+    its workers hold uneven shares of its rows (:func:`rebalanced`): then the
+    blocks that even them out are copied to the workers short of rows, and the
+    other arrays join ``X``'s blocks where they end up. The returned
     arrays carry which worker thread holds each block (``_dmlkit_slots``), so
     that passes map one task per thread (:class:`dmlkit._graph.RowBlocks`).
     """
@@ -443,9 +484,14 @@ def persist_placed(arrays: Sequence[da.Array | None], client) -> list[da.Array |
     keys = [[(a.name, i) + (0,) * (a.ndim - 1) for i in range(n_blocks)] for a in live]
     held = [{f.key: f for f in futures_of(a)} for a in live]
     x_held = all(key in held[0] for key in keys[0])
-    slots = (_held_slots([held[0][key] for key in keys[0]], client) if x_held
-             else block_slots(n_blocks, client))
-    where = [addr for addr, _ in slots]
+    if x_held:
+        found, nthreads = _held_where([held[0][key] for key in keys[0]], client)
+        where = rebalanced(found, X.chunks[0], nthreads)
+        x_held = where == found  # else the blocks that move are copied, the others referenced
+        slots = _thread_slots(where, nthreads)
+    else:
+        slots = block_slots(n_blocks, client)
+        where = [addr for addr, _ in slots]
     names, sources = [], []
     for j, a in enumerate(live):
         if x_held and all(key in held[j] for key in keys[j]):  # all persisted by the caller

@@ -202,7 +202,8 @@ def test_cached_blocks_are_spread_evenly_next_to_their_rows(client, store):
     assert_array_equal(yc.compute(), np.arange(X.shape[0]))
 
 
-def test_a_persisted_X_stays_put_so_does_a_persisted_y_and_a_computed_one_joins_it(client, store):
+def test_a_persisted_X_stays_put_so_does_a_persisted_y_and_a_computed_one_joins_it(client,
+                                                                                     store):
     from distributed import futures_of, wait
 
     from dmlkit import data
@@ -211,23 +212,46 @@ def test_a_persisted_X_stays_put_so_does_a_persisted_y_and_a_computed_one_joins_
     Xd = da.from_array(X, chunks=(15_000, 4))
     yd = da.arange(X.shape[0], chunks=15_000).astype(np.float64)
     workers = sorted(client.scheduler_info()["workers"])
-    # both of X's blocks on one worker, y's on the other
-    Xp = client.persist(Xd, workers=workers[:1])
-    yp = client.persist(yd, workers=workers[1:])
+    # X's blocks spread evenly (one on each worker), y's both on one worker
+    (Xp,) = data.persist_placed([Xd], client)
+    yp = client.persist(yd, workers=workers[:1])
     wait([Xp, yp])
+    holders = client.who_has(futures_of(Xp))
+    x_at = [holders[(Xp.name, i, 0)] for i in range(2)]
     Xc, (yc, zc), _ = data.cache(Xp, [yp, yp + 1.0], True, Xp)
     wait(futures_of(Xc) + futures_of(yc) + futures_of(zc))
     holders = client.who_has(futures_of(Xc) + futures_of(yc) + futures_of(zc))
     assert Xc.name == Xp.name and yc.name == yp.name  # the same blocks: no copies
-    x_at = [holders[(Xc.name, i, 0)] for i in range(2)]
-    assert x_at == [(workers[0],)] * 2
-    # (also copied where y + 1 was computed)
-    assert all(workers[1] in holders[(yc.name, i)] for i in range(2))
+    assert [holders[(Xc.name, i, 0)] for i in range(2)] == x_at
     assert x_at == [holders[(zc.name, i)] for i in range(2)]  # computed next to X
-    assert Xc._dmlkit_slots == [(workers[0], 0), (workers[0], 0)]
+    assert Xc._dmlkit_slots == [(w, 0) for (w,) in x_at]
     assert_array_equal(Xc.compute(), X)
     assert_array_equal(yc.compute(), np.arange(X.shape[0]))
     assert_array_equal(zc.compute(), np.arange(X.shape[0]) + 1.0)
+
+
+def test_a_persisted_X_held_unevenly_is_evened_out_and_y_joins_it(client, store):
+    from distributed import futures_of, wait
+
+    from dmlkit import data
+
+    X, _ = store
+    Xd = da.from_array(X, chunks=(10_000, 4))
+    yd = da.arange(X.shape[0], chunks=10_000).astype(np.float64)
+    workers = sorted(client.scheduler_info()["workers"])
+    # all three of X's blocks on one worker, y's on the other
+    Xp = client.persist(Xd, workers=workers[:1])
+    yp = client.persist(yd, workers=workers[1:])
+    wait([Xp, yp])
+    Xc, (yc,), _ = data.cache(Xp, [yp], True, Xp, block_rows=10_000)  # blocks kept as they are
+    wait(futures_of(Xc) + futures_of(yc))
+    holders = client.who_has(futures_of(Xc) + futures_of(yc))
+    x_at = [holders[(Xc.name, i, 0)] for i in range(3)]
+    assert x_at == [(workers[0],), (workers[0],), (workers[1],)]  # the last block moved
+    assert x_at == [holders[(yc.name, i)] for i in range(3)]  # y moved next to X
+    assert Xc._dmlkit_slots == [(workers[0], 0), (workers[0], 0), (workers[1], 0)]
+    assert_array_equal(Xc.compute(), X)
+    assert_array_equal(yc.compute(), np.arange(X.shape[0]))
 
 
 def test_cached_and_streamed_fits_give_the_same_bits(client, tmp_path):
