@@ -98,7 +98,8 @@ class Resident:
     Created with the blocks' futures (``futures[j][i]``: array ``j`` = X,
     weights, y; block ``i``). The actors are created at the first pass that
     finds X's blocks in memory, on the workers that hold them (asked of the
-    scheduler then), each worker's blocks shared out in order among its
+    scheduler then, unless the cache found them already held and says where:
+    ``slots``), each worker's blocks shared out in order among its
     threads; that pass waits for the actors to start, once the weights and
     ``y`` have joined X (a task's time, at most :data:`CREATE_TIMEOUT_S`).
     While X is still loading, passes run as tasks (the first of them loads

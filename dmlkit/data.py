@@ -311,16 +311,16 @@ def cache(
     ``cache="auto"`` keeps in-memory inputs in memory (on the workers when a
     distributed client is active) and persists lazy inputs when they take at
     most half of the cluster's memory (:func:`memory_budget`); otherwise every
-    pass streams the data from its store. ``True`` always persists, ``False``
-    never does. A persisted copy keeps ``X``'s chunks, or joins small ones
+    pass streams the data from its store. ``True`` always persists ``X``,
+    ``False`` never does. A persisted copy keeps ``X``'s chunks, or joins small ones
     (:func:`cache_block_rows`; ``per_thread`` asks for about that many blocks
     per worker thread instead). On a distributed cluster the blocks are spread
     evenly over the workers, each next to its rows of ``y`` and the weights
     (:func:`persist_placed`).
 
-    While ``X`` streams, its row-aligned vectors (``y``, the weights: one value
-    per row) are held in memory all the same when they fit
-    (:func:`keep_vectors`): a pass then reads only ``X`` from the store.
+    While ``X`` streams (``False`` included), its row-aligned vectors (``y``,
+    the weights: one value per row) are held in memory all the same when they
+    fit (:func:`keep_vectors`): a pass then reads only ``X`` from the store.
 
     ``block_rows`` fixes the blocks instead, cached or not: every block but the
     last has exactly ``block_rows`` rows, whatever the input's chunking
@@ -428,11 +428,11 @@ def rebalanced(where: Sequence[str], rows: Sequence[int],
 
     A block moves, from the end of an overloaded worker's blocks, only to the
     worker furthest under its share and only when that brings the two closer
-    to their shares: the first pass persisted by a caller typically leaves
-    one worker a third more blocks than the other, which then makes every
-    pass of an iterative fit wait for it.
+    to their shares. Dask's ``persist`` of a caller's array can leave one of
+    two workers twice the blocks of the other (11 of 16 here), and every pass
+    of an iterative fit then waits for it.
     """
-    live = [a for a in nthreads]
+    live = list(nthreads)
     if len(live) < 2 or any(a not in nthreads for a in where):
         return list(where)
     total, threads = float(sum(rows)), sum(nthreads.values())

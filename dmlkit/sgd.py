@@ -178,7 +178,7 @@ class _BaseSGD(BaseEstimator):
         n = X_in.shape[0]
         first = int(kernels.shard_order(-(-n // self.shard_rows), seed, 0, self.shuffle, 0)[0])
         start = first * self.shard_rows
-        # on a worker that holds the shard: only the sample's rows travel
+        # on a worker that holds the shard: only the sample's Gram matrix travels
         return dask.delayed(_curvature_sample, pure=True)(
             X_in[start : start + self.shard_rows], start, seed, 0, self.shuffle,
             self.fit_intercept)
