@@ -101,7 +101,9 @@ class Resident:
     scheduler then, unless the cache found them already held and says where:
     ``slots``), each worker's blocks shared out in order among its
     threads; that pass waits for the actors to start, once the weights and
-    ``y`` have joined X (a task's time, at most :data:`CREATE_TIMEOUT_S`).
+    ``y`` have joined X (a task's time, at most :data:`CREATE_TIMEOUT_S`; a
+    pass that times out while they are still being computed runs as tasks,
+    and the next one waits again).
     While X is still loading, passes run as tasks (the first of them loads
     it). After any failure
     :meth:`run` returns None for good and the caller runs tasks.
@@ -120,17 +122,16 @@ class Resident:
     def _create(self) -> None:
         """Submit one actor per worker holding blocks, next to them."""
         X = self.futures[0]
+        workers = self.client.scheduler_info(n_workers=-1)["workers"]
         if self.slots is not None:  # the holders the scheduler named when X was cached
             where = [addr for addr, _ in self.slots]
-            nthreads = {addr: 1 + max(t for a, t in self.slots if a == addr) for addr in where}
         else:
             holders = self.client.who_has(X)
-            workers = self.client.scheduler_info(n_workers=-1)["workers"]
             where = [sorted(holders.get(f.key) or ["?"])[0] for f in X]
-            if any(addr not in workers for addr in where):
-                self.close()  # a block without a (live) holder: tasks will recompute it
-                return
-            nthreads = {addr: max(1, info.get("nthreads", 1)) for addr, info in workers.items()}
+        if any(addr not in workers for addr in where):
+            self.close()  # a block without a (live) holder: tasks will recompute it
+            return
+        nthreads = {addr: max(1, info.get("nthreads", 1)) for addr, info in workers.items()}
         mine: dict[str, list] = {}
         for b, addr in enumerate(where):
             mine.setdefault(addr, []).append(b)
@@ -152,18 +153,21 @@ class Resident:
         if self.actors is None:
             if not all(f.status == "finished" for f in self.futures[0]):
                 return False  # X still loading: this pass runs as tasks (and loads it)
-            from distributed import wait
-
             # the actors start once the weights and y have joined X's blocks (a task would
             # wait for them too)
             self._create()
             if self.closed:
                 return False
-            try:
-                wait(list(self.actors.values()), timeout=CREATE_TIMEOUT_S)
-            except Exception:  # timed out: let them go, passes run as tasks
-                self.close("the actors did not start in time")
-                return False
+        from distributed import wait
+
+        try:
+            wait(list(self.actors.values()), timeout=CREATE_TIMEOUT_S)
+        except Exception:  # timed out
+            rest = [f for v in self.futures[1:] if v is not None for f in v]
+            if any(f.status == "pending" for f in rest):
+                return False  # y or the weights still on their way: the next pass asks again
+            self.close("the actors did not start in time")  # passes run as tasks
+            return False
         status = [f.status for f in self.actors.values()]
         if any(s != "finished" for s in status):
             self.close(f"actor status {status}")

@@ -301,7 +301,7 @@ def memory_budget() -> int:
 
 def cache(
     X: da.Array, rows: Sequence[da.Array | None], cache: bool | str, source: Any,
-    block_rows: int | None = None, per_thread: int | None = None,
+    block_rows: int | None = None, per_thread: int | None = None, vectors: bool = True,
 ) -> tuple[da.Array, tuple[da.Array | None, ...], bool]:
     """Apply an estimator's ``cache`` rule to ``X`` and its row-aligned vectors.
 
@@ -321,6 +321,8 @@ def cache(
     While ``X`` streams (``False`` included), its row-aligned vectors (``y``,
     the weights: one value per row) are held in memory all the same when they
     fit (:func:`keep_vectors`): a pass then reads only ``X`` from the store.
+    ``vectors=False`` leaves them lazy too (for a fitted estimator that keeps
+    them: it would hold cluster memory for as long as it lives).
 
     ``block_rows`` fixes the blocks instead, cached or not: every block but the
     last has exactly ``block_rows`` rows, whatever the input's chunking
@@ -336,7 +338,7 @@ def cache(
             X = X.rechunk({0: block_rows})
             rows = tuple(None if v is None else v.rechunk({0: block_rows}) for v in rows)
     if cache is False or cache == "auto" and not in_memory and X.nbytes > memory_budget():
-        return X, keep_vectors(rows), False
+        return X, keep_vectors(rows) if vectors else rows, False
     if in_memory and _client() is None:
         return X, rows, True  # already in this process's memory
     block = cache_block_rows(X, _total_threads(), per_thread) if block_rows is None else 0
@@ -421,37 +423,49 @@ def _thread_slots(where: Sequence[str], nthreads: dict[str, int]) -> list[tuple[
     return slots
 
 
+def _thread_loads(where: Sequence[str], rows: Sequence[int],
+                  nthreads: dict[str, int]) -> list[float]:
+    """Rows per worker thread (as :func:`_thread_slots` shares them out), largest first."""
+    load: Counter = Counter()
+    for slot, r in zip(_thread_slots(where, nthreads), rows):
+        load[slot] += r
+    return sorted(load.values(), reverse=True)
+
+
 def rebalanced(where: Sequence[str], rows: Sequence[int],
                nthreads: dict[str, int]) -> list[str]:
-    """Holders for the blocks that give every worker about its threads' share of the rows,
-    moving few blocks.
+    """Holders for the blocks that even out the rows of the worker threads, moving few
+    blocks.
 
-    A block moves, from the end of an overloaded worker's blocks, only to the
-    worker furthest under its share and only when that brings the two closer
-    to their shares. Dask's ``persist`` of a caller's array can leave one of
+    A block moves, from the end of a busy worker's blocks, to the worker
+    with the fewest rows per thread, when that lowers the load of the
+    busiest threads (their rows, largest first, compared in turn); a block is
+    always worked by one thread, so a move that does not shorten the longest
+    runs is not made. Dask's ``persist`` of a caller's array can leave one of
     two workers twice the blocks of the other (11 of 16 here), and every pass
     of an iterative fit then waits for it.
     """
     live = list(nthreads)
     if len(live) < 2 or any(a not in nthreads for a in where):
         return list(where)
-    total, threads = float(sum(rows)), sum(nthreads.values())
-    share = {a: total * nthreads[a] / threads for a in live}
-    load = dict.fromkeys(live, 0.0)
-    for b, a in enumerate(where):
-        load[a] += rows[b]
     new = list(where)
     for b in reversed(range(len(new))):
-        src = new[b]
-        dst = min(live, key=lambda a: (load[a] - share[a], a))
-        r = rows[b]
-        # moving improves the larger of the two excesses (ties stay put)
-        if dst != src and max(load[src] - r - share[src], load[dst] + r - share[dst]) < \
-                max(load[src] - share[src], load[dst] - share[dst]) - 1e-9 * total:
-            new[b] = dst
-            load[src] -= r
-            load[dst] += r
+        per_thread = {a: 0.0 for a in live}
+        for i, a in enumerate(new):
+            per_thread[a] += rows[i] / nthreads[a]
+        dst = min(live, key=lambda a: (per_thread[a], a))
+        if dst == new[b]:
+            continue
+        moved = new[:b] + [dst] + new[b + 1 :]
+        if _thread_loads(moved, rows, nthreads) < _thread_loads(new, rows, nthreads):
+            new = moved
     return new
+
+
+#: A caller's persisted ``X`` is evened out (:func:`rebalanced`) only when it takes at most
+#: this fraction of the cache budget: a worker counts a block it keeps under both the
+#: caller's key and the cache's, and twice the memory of a large ``X`` could make it spill.
+REBALANCE_BUDGET_FRACTION = 0.25
 
 
 def persist_placed(arrays: Sequence[da.Array | None], client) -> list[da.Array | None]:
@@ -468,9 +482,11 @@ def persist_placed(arrays: Sequence[da.Array | None], client) -> list[da.Array |
     where it is (no copy), and so do the other arrays that are; the others are
     computed next to ``X``'s blocks (a resident pass's actors fetch the few
     blocks of ``y`` or the weights held elsewhere once, when they start). Unless
-    its workers hold uneven shares of its rows (:func:`rebalanced`): then the
-    blocks that even them out are copied to the workers short of rows, and the
-    other arrays join ``X``'s blocks where they end up. The returned
+    its workers hold uneven shares of its rows (:func:`rebalanced`) and it is
+    small enough (:data:`REBALANCE_BUDGET_FRACTION`): then the blocks that
+    even them out are copied to the workers short of rows (the others are
+    referenced under the cache's keys too), and the other arrays join ``X``'s
+    blocks where they end up. The returned
     arrays carry which worker thread holds each block (``_dmlkit_slots``), so
     that passes map one task per thread (:class:`dmlkit._graph.RowBlocks`).
     """
@@ -486,7 +502,8 @@ def persist_placed(arrays: Sequence[da.Array | None], client) -> list[da.Array |
     x_held = all(key in held[0] for key in keys[0])
     if x_held:
         found, nthreads = _held_where([held[0][key] for key in keys[0]], client)
-        where = rebalanced(found, X.chunks[0], nthreads)
+        small = X.nbytes <= REBALANCE_BUDGET_FRACTION * memory_budget()
+        where = rebalanced(found, X.chunks[0], nthreads) if small else found
         x_held = where == found  # else the blocks that move are copied, the others referenced
         slots = _thread_slots(where, nthreads)
     else:

@@ -98,9 +98,9 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         spread evenly over the workers; each pass then runs one task per
         worker thread over the chunks it holds, which keeps the scheduler's
         overhead per pass small. While ``X`` streams (``False``, or too
-        large), ``sample_weight`` (and a classifier's labels, as class
-        numbers) stays in memory when it takes at most a quarter of that
-        half.
+        large), ``sample_weight`` (and a supervised estimator's targets)
+        stays in memory when it takes at most a quarter of that half
+        (nearest neighbours excepted: a fitted index keeps its rows).
     progress : bool, default=False
         Show a progress bar (terminal or notebook) with the current inertia.
 

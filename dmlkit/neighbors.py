@@ -153,8 +153,9 @@ class _NeighborsBase(BaseEstimator):
             self._build_ivf(X, X_in, y_in, n_lists)
             self._fit_X = X_in  # the queries of kneighbors(None), read from the source
         else:
+            # the fitted model keeps its rows: nothing of them held in memory while they stream
             Xd, (yd,), _ = data.cache(X_in, [y_in], self.cache, X,
-                                      per_thread=SEARCH_BLOCKS_PER_THREAD)
+                                      per_thread=SEARCH_BLOCKS_PER_THREAD, vectors=False)
             blocks = _graph.RowBlocks(Xd, None, yd)
             passes = _graph.Passes(blocks, self.split_every, check=lambda s: data.check_stats(
                 s, X_in.chunks[0], False, supervised=yd is not None))
@@ -235,7 +236,8 @@ class _NeighborsBase(BaseEstimator):
                              np.float32, d + 1)
         extra = [Ri] + [data.as_rows(g[name], Xi, name) for name in ("index", "list")]
         extra.append(None if yb is None else data.as_rows(g["y"], Xi, "y"))
-        Xi, (Ri, index, lists, yi), _ = data.cache(Xi, extra, self.cache, path, block_rows=rows)
+        Xi, (Ri, index, lists, yi), _ = data.cache(Xi, extra, self.cache, path, block_rows=rows,
+                                                    vectors=False)
         self._ivf = {"rows": Ri, "X": Xi, "index": index, "list": lists, "y": yi,
                      "center": center}
         self.cluster_centers_ = centroids

@@ -113,3 +113,30 @@ def test_cached_copy_is_reblocked_into_whole_chunks():
     assert rows * 32 * 4 <= data.CACHE_BLOCK_BYTES and rows % 10**5 == 0
     Xc, _, cached = data.cache(X, [None], True, X)
     assert cached and len(Xc.chunks[0]) < len(X.chunks[0])
+
+
+def test_while_X_streams_its_vectors_are_held_in_memory_unless_asked_not_to():
+    X = da.from_array(np.ones((1000, 3), dtype=np.float32), chunks=(250, 3)) * 2
+    y = da.arange(1000, chunks=250) + 1
+    Xc, (yc, none), cached = data.cache(X, [y, None], False, X)
+    assert not cached and none is None
+    assert Xc.name == X.name  # X streams: still its graph
+    assert all(isinstance(v, np.ndarray) for v in dict(yc.__dask_graph__()).values())
+    assert_array_equal(yc.compute(), np.arange(1000) + 1)
+    _, (lazy,), _ = data.cache(X, [y], False, X, vectors=False)
+    assert lazy.name == y.name
+
+
+@pytest.mark.parametrize("where, rows, nthreads, expected", [
+    # 11 of 16 blocks on one of two workers: the last of its blocks move
+    (["a"] * 6 + ["b"] * 5 + ["a"] * 5, [4] * 16, {"a": 1, "b": 1},
+     ["a"] * 6 + ["b"] * 5 + ["a"] * 2 + ["b"] * 3),
+    (["a"] * 8 + ["b"] * 8, [4] * 16, {"a": 1, "b": 1}, ["a"] * 8 + ["b"] * 8),  # even: stays
+    (["a"], [9], {"a": 1, "b": 2}, ["a"]),  # one block: a thread works it wherever it is
+    (["a", "a", "b"], [10, 10, 5], {"a": 2, "b": 2}, ["a", "a", "b"]),  # one block per thread
+    (["a"] * 4, [1] * 4, {"a": 1, "b": 1, "c": 2}, ["a", "c", "c", "b"]),  # by threads
+    (["a", "?"], [1, 1], {"a": 1, "b": 1}, ["a", "?"]),  # a holder the scheduler lost
+])
+def test_rebalanced_moves_the_blocks_that_shorten_the_longest_threads(where, rows, nthreads,
+                                                                      expected):
+    assert data.rebalanced(where, rows, nthreads) == expected

@@ -209,22 +209,20 @@ def test_a_persisted_X_stays_put_so_does_a_persisted_y_and_a_computed_one_joins_
     from dmlkit import data
 
     X, _ = store
-    Xd = da.from_array(X, chunks=(15_000, 4))
-    yd = da.arange(X.shape[0], chunks=15_000).astype(np.float64)
+    Xd = da.from_array(X, chunks=(X.shape[0], 4))  # one block: as even as it gets
+    yd = da.arange(X.shape[0], chunks=X.shape[0]).astype(np.float64)
     workers = sorted(client.scheduler_info()["workers"])
-    # X's blocks spread evenly (one on each worker), y's both on one worker
-    (Xp,) = data.persist_placed([Xd], client)
-    yp = client.persist(yd, workers=workers[:1])
+    Xp = client.persist(Xd, workers=workers[:1])
+    yp = client.persist(yd, workers=workers[1:])  # y on the other worker
     wait([Xp, yp])
-    holders = client.who_has(futures_of(Xp))
-    x_at = [holders[(Xp.name, i, 0)] for i in range(2)]
-    Xc, (yc, zc), _ = data.cache(Xp, [yp, yp + 1.0], True, Xp)
+    Xc, (yc, zc), _ = data.cache(Xp, [yp, yp + 1.0], True, Xp, block_rows=X.shape[0])
     wait(futures_of(Xc) + futures_of(yc) + futures_of(zc))
     holders = client.who_has(futures_of(Xc) + futures_of(yc) + futures_of(zc))
     assert Xc.name == Xp.name and yc.name == yp.name  # the same blocks: no copies
-    assert [holders[(Xc.name, i, 0)] for i in range(2)] == x_at
-    assert x_at == [holders[(zc.name, i)] for i in range(2)]  # computed next to X
-    assert Xc._dmlkit_slots == [(w, 0) for (w,) in x_at]
+    assert holders[(Xc.name, 0, 0)] == (workers[0],)
+    assert workers[1] in holders[(yc.name, 0)]  # (also copied where y + 1 was computed)
+    assert holders[(zc.name, 0)] == (workers[0],)  # computed next to X
+    assert Xc._dmlkit_slots == [(workers[0], 0)]
     assert_array_equal(Xc.compute(), X)
     assert_array_equal(yc.compute(), np.arange(X.shape[0]))
     assert_array_equal(zc.compute(), np.arange(X.shape[0]) + 1.0)

@@ -286,6 +286,29 @@ def test_precision_floor_is_reported_not_called_max_iter(tmp_path):
     assert m.n_iter_ < 100 and not m.converged_
 
 
+def test_class_numbers_take_the_smallest_integer_that_holds_them():
+    from dmlkit.linear_model import _labels_to_index, index_dtype
+
+    assert [index_dtype(k) for k in (2, 126, 127, 32766, 32767)] == \
+        [np.int8, np.int8, np.int16, np.int16, np.int32]
+    classes = np.arange(126) * 2.0
+    idx = _labels_to_index(np.array([0.0, 250.0, 999.0]), classes)  # 999 is no class
+    assert idx.dtype == np.int8 and idx.tolist() == [0, 125, 126]
+
+
+def test_sampled_hessian_ranges_are_the_rows_of_the_sample():
+    from dmlkit._kernels.glm import HESSIAN_RUN, hessian_sample
+
+    for offset, n, every in [(0, 5000, 2), (700, 3000, 3), (1023, 1, 2), (5000, 0, 4),
+                             (3 * HESSIAN_RUN + 5, 9 * HESSIAN_RUN, 40)]:
+        mask = np.zeros(n, dtype=bool)
+        for a, b in hessian_sample(offset, n, every):
+            assert 0 <= a < b <= n and not mask[a:b].any()
+            mask[a:b] = True
+        assert_array_equal(mask, (np.arange(offset, offset + n) // HESSIAN_RUN) % every == 0)
+    assert hessian_sample(0, 10, 1) is None
+
+
 def test_sampled_hessian_sums_over_its_rows_whatever_the_blocks():
     from dmlkit._kernels.glm import HESSIAN_RUN, combine_glm
 

@@ -224,6 +224,18 @@ def test_same_seed_same_model_whatever_the_chunking(problem, mode):
     assert not np.array_equal(a.coef_, d.coef_)
 
 
+@pytest.mark.parametrize("mode", ["local", "sync"])
+def test_labels_of_any_kind_give_the_same_model(problem, mode):
+    X, y = problem["X"], problem["multi"]  # 0, 10, 20
+    kw = dict(mode=mode, shard_rows=1000, max_epochs=1, tol=None, random_state=3)
+    a = SGDClassifier(**kw).fit(X, y)
+    names = np.array(["ant", "bee", "cat"])[y // 10]
+    b = SGDClassifier(**kw).fit(X, names)
+    assert_array_equal(b.classes_, ["ant", "bee", "cat"])
+    assert_array_equal(a.coef_, b.coef_)
+    assert_array_equal(b.predict(X[:50]), np.array(["ant", "bee", "cat"])[a.predict(X[:50]) // 10])
+
+
 def test_split_every_changes_only_rounding(problem):
     X, y = problem["X"], problem["binary"]
     kw = dict(batch_size=100, shard_rows=500, max_epochs=2, tol=None, random_state=0)
