@@ -61,9 +61,8 @@ def hessian_sample(offset: int, n: int, every: int) -> list[tuple[int, int]] | N
     """
     if every <= 1:
         return None
-    first = -(-offset // (HESSIAN_RUN * every)) * every  # the first sampled run from offset on
-    back = (offset // HESSIAN_RUN) // every * every  # the sampled run holding offset, if any
-    runs = range(min(back, first), (offset + n - 1) // HESSIAN_RUN + 1, every) if n else ()
+    back = (offset // HESSIAN_RUN) // every * every  # the last sampled run from offset back
+    runs = range(back, (offset + n - 1) // HESSIAN_RUN + 1, every) if n else ()
     ranges = [(max(r * HESSIAN_RUN, offset) - offset, min((r + 1) * HESSIAN_RUN, offset + n) - offset)
               for r in runs]
     return [(a, b) for a, b in ranges if a < b]
@@ -261,6 +260,7 @@ def glm_partial(
         wide = None
     sample = hessian_sample(int(offset), n, int(hessian_every)) if hessian else None
     hess_weight = weight if sample is None else float(sum(wf[a:b].sum() for a, b in sample))
+    at = 0  # the first sampled run not behind the current sub-block
     for s in range(0, n, step):
         Xb, yb = X[s : s + step], y[s : s + step]
         wb = None if w is None else wf[s : s + step]
@@ -279,7 +279,11 @@ def glm_partial(
         if whole:
             hess += _gram(Xb, curvature, fit_intercept)
         elif hessian:  # the sampled runs in this sub-block: their curvature only
-            for a, b in sample:
+            while at < len(sample) and sample[at][1] <= s:  # runs (in order) ended before it
+                at += 1
+            for a, b in sample[at:]:
+                if a >= s + Xb.shape[0]:
+                    break
                 a, b = max(a, s) - s, min(b, s + Xb.shape[0]) - s
                 if a < b:
                     c = pointwise(Z[a:b], yb[a:b], None if wb is None else wb[a:b], family,
