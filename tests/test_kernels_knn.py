@@ -213,3 +213,47 @@ def test_ivf_long_lists_and_many_queries_go_in_pieces(monkeypatch):
     assert_array_equal(whole.indices, i)
     assert_array_equal(pieces.indices, i)
     assert_array_equal(pieces.distances, whole.distances)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean"])
+def test_ivf_frequent_prunes_and_short_nearest_lists_stay_exact(monkeypatch, metric):
+    """Pruning after every product, with lists shorter than k: every list probed is exact.
+
+    A prune of a query with fewer than ``k`` candidates so far keeps the bound
+    from its nearest list (it must not loosen, nor drop a true neighbour).
+    """
+    rng = np.random.default_rng(11)
+    X = rng.standard_normal((400, 5))
+    Q = rng.standard_normal((60, 5))
+    # centroids next to a few outer rows: their lists hold a handful of rows (fewer than k)
+    outer = np.argsort((X**2).sum(1))[-3:]
+    C = np.concatenate([X[rng.choice(400, 6, replace=False)] * 0.3, X[outer] * 1.05])
+    order, lists, counts = IVF.sort_block(X, centroids=C, metric=metric)
+    Qp = K.prepare_queries(Q, metric)
+    probes = IVF.probes_block(Qp, 0, centroids=C, n_probe=len(C))
+    monkeypatch.setattr(IVF, "PRUNE_EVERY", 0)
+    monkeypatch.setattr(IVF, "MIN_PRUNE", 1)
+    out = IVF.ivf_partial(X[order], 0, Qp, probes, lists=lists, index=order.astype(np.int64),
+                          k=12, metric=metric, centroids=C)
+    assert counts.min() < 12
+    d, i = reference(Q, X, 12, metric)
+    assert_array_equal(out.indices, i)
+    assert_allclose(out.distances, d, rtol=1e-10, atol=1e-12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 5), st.integers(1, 70))
+def test_select_orders_by_distance_then_lower_index(seed, k, n):
+    """Few distinct distances (many exact ties, within and across queries)."""
+    rng = np.random.default_rng(seed)
+    n_queries = int(rng.integers(1, 8))
+    q = rng.integers(0, n_queries, n)
+    d = rng.integers(0, 4, n).astype(np.float64) * (1.0 if seed % 2 else rng.random())
+    index = rng.permutation(1000)[:n].astype(np.int64)
+    out = K.select(q, d, index, n_queries, k)
+    for j in range(n_queries):
+        mine = np.flatnonzero(q == j)
+        ref = mine[np.lexsort((index[mine], d[mine]))][:k]
+        got = out.indices[j][out.indices[j] != K.NO_INDEX]
+        assert_array_equal(got, index[ref])
+        assert_array_equal(out.distances[j, : ref.size], d[ref])

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from dmlkit._kernels.knn import (Neighbors, _as_float, _hits, _margin, _Prepared, _prune,
-                                 _threshold32, empty_neighbors, exact_distances, normalize_rows,
+                                 _threshold32, empty_neighbors, normalize_rows, pair_distances,
                                  prepare_rows, select)
 
 
@@ -30,6 +30,10 @@ from dmlkit._kernels.knn import (Neighbors, _as_float, _hits, _margin, _Prepared
 LIST_ROWS = 4096
 #: Queries of one list scanned by one matrix product (more go in groups).
 LIST_QUERIES = 2048
+#: Candidates added (per query and neighbour) between two prunes, and at least
+#: :data:`MIN_PRUNE` (each prune tightens the thresholds, and sorts what it keeps).
+PRUNE_EVERY = 2
+MIN_PRUNE = 1 << 15
 
 
 def _unit_or_float(X: np.ndarray, metric: str) -> np.ndarray:
@@ -197,9 +201,11 @@ def ivf_partial(
     centre, squared norms appended as a column; the estimator keeps this copy
     next to the block when the index is cached) and each list is one float32
     product of the queries that probe it and its rows (see :func:`_scan`).
-    Every query first scans its nearest list, which sets a threshold (the
-    ``k``-th smallest distance plus the float32 rounding margin); the other
-    lists only add the few entries under it. Survivors get exact float64
+    Every query's nearest list first sets its threshold (a bound on the
+    ``k``-th smallest distance there, plus the float32 rounding margin: one
+    product per list, see :func:`_first_thresholds`); then one product per
+    list with all the queries probing it adds the few entries under the
+    thresholds. Survivors get exact float64
     distances. The Python loop runs over lists, not queries (and each list
     adds its candidates as small arrays, gathered only when pruning: see
     :class:`_Hits`).
@@ -216,19 +222,18 @@ def ivf_partial(
     qc2 = np.einsum("ij,ij->i", Qc, Qc, dtype=np.float64)
     margin = _margin(np.sqrt(qc2), P.norm_max, d)
     bounds = np.searchsorted(lists, np.arange(n_lists + 1)).tolist()
-    # the queries probing each list, grouped by list: first by the nearest list only, then
-    # by the others
+    hits = _Hits(qc2, margin, k, limit=max(PRUNE_EVERY * nq * k, MIN_PRUNE))
+    # thresholds from each query's nearest list (the queries grouped by it), then one scan
+    # of every probed list with the queries probing it
     order0, starts0 = _group(probes[:, 0], n_lists)
-    order1, starts1 = _group(probes[:, 1:].ravel(), n_lists)
-    hits = _Hits(qc2, margin, k, limit=max(4 * nq * k, 1 << 15))
-    _scan(P.rows, Qa, hits, order0, bounds, starts0.tolist(), first=True)
-    if np.isinf(hits.threshold).any():  # queries whose nearest list has fewer than k rows here
-        hits.prune()
-    _scan(P.rows, Qa, hits, order1 // max(n_probe - 1, 1), bounds, starts1.tolist(), first=False)
+    hits.set_threshold(slice(None), _first_thresholds(P.rows, Qa, k, order0, bounds,
+                                                      starts0.tolist()) + qc2 + margin)
+    order, starts = _group(probes.ravel(), n_lists)
+    _scan(P.rows, Qa, hits, order // n_probe, bounds, starts.tolist())
     q, _, r = hits.prune()
     if not q.size:
         return empty_neighbors(nq, k, None if y is None else y.dtype)
-    dist = exact_distances(Q[q], _unit_or_float(X[r], metric), metric)
+    dist = pair_distances(Q, q, X, r, metric, rows=lambda Xs: _unit_or_float(Xs, metric))
     return select(q, dist, index[r], nq, k, None if y is None else y[r])
 
 
@@ -271,7 +276,8 @@ class _Hits:
         r = np.concatenate([kr, *self.r])
         s[kq.size :] += self.qc2[q[kq.size :]]
         q, s, r, threshold = _prune(q, s, r, self.k, self.margin, self.qc2.size)
-        self.set_threshold(slice(None), threshold)
+        # a query with fewer than k candidates so far keeps the bound it had
+        self.set_threshold(slice(None), np.minimum(threshold, self.threshold))
         self.kept, self.q, self.s, self.r, self.pending = (q, s, r), [], [], [], q.size
         return q, s, r
 
@@ -280,25 +286,48 @@ class _Hits:
         self.t32[queries] = _threshold32(threshold - self.qc2[queries])
 
 
-def _scan(rows, Qa, hits: _Hits, probing, bounds, starts, first: bool) -> None:
+def _lists_to_scan(bounds, starts) -> list:
+    """The lists with rows in the block and queries probing them."""
+    return [i for i in range(len(starts) - 1)
+            if bounds[i + 1] > bounds[i] and starts[i + 1] > starts[i]]
+
+
+def _first_thresholds(rows, Qa, k: int, probing, bounds, starts) -> np.ndarray:
+    """Per query, (a bound on) the ``k``-th smallest proxy score in its nearest list.
+
+    List ``l`` is the nearest of the queries ``probing[starts[l] :
+    starts[l + 1]]``; its first :data:`LIST_ROWS` rows are compared with
+    them (one product per list). ``inf`` where the list has fewer than
+    ``k`` rows in the block.
+    """
+    kth = np.full(Qa.shape[0], np.inf)
+    for lst in _lists_to_scan(bounds, starts):
+        s0 = bounds[lst]
+        e0 = min(bounds[lst + 1], s0 + LIST_ROWS)
+        if e0 - s0 < k:
+            continue
+        qs = probing[starts[lst] : starts[lst + 1]]
+        kth[qs] = np.partition(np.matmul(Qa[qs], rows[s0:e0].T), k - 1, axis=1)[:, k - 1]
+    return kth
+
+
+def _scan(rows, Qa, hits: _Hits, probing, bounds, starts) -> None:
     """Compare every list's rows with the queries that probe it, adding the hits.
 
     List ``l`` (rows ``bounds[l]:bounds[l + 1]``) is probed by the queries
     ``probing[starts[l] : starts[l + 1]]``. Each product is
     ``(queries x rows)``, at most :data:`LIST_QUERIES` x :data:`LIST_ROWS`
-    (longer runs go in pieces). With ``first``, each query's first product
-    of at least ``k`` rows sets its threshold: (a bound on) the ``k``-th
-    smallest score plus the margin.
+    (longer runs go in pieces); its entries under the queries' thresholds
+    are added to ``hits``.
     """
-    n_lists, d1, k = len(starts) - 1, rows.shape[1], hits.k
-    sizes = [(bounds[i + 1] - bounds[i], starts[i + 1] - starts[i]) for i in range(n_lists)]
-    scan = [i for i, (m, n) in enumerate(sizes) if m and n]
+    d1 = rows.shape[1]
+    scan = _lists_to_scan(bounds, starts)
     if not scan:
         return
     # buffers reused by every list (fresh large temporaries cost page faults, the more so in
     # dask workers, which return freed memory to the OS eagerly)
-    n_rows = min(max(sizes[i][0] for i in scan), LIST_ROWS)
-    n_q = min(max(sizes[i][1] for i in scan), LIST_QUERIES)
+    n_rows = min(max(bounds[i + 1] - bounds[i] for i in scan), LIST_ROWS)
+    n_q = min(max(starts[i + 1] - starts[i] for i in scan), LIST_QUERIES)
     gathered = np.empty((n_q, d1), dtype=np.float32)
     tq = np.empty((n_q, 1), dtype=np.float32)
     tile = np.empty(n_rows * n_q, dtype=np.float32)
@@ -314,9 +343,7 @@ def _scan(rows, Qa, hits: _Hits, probing, bounds, starts, first: bool) -> None:
                 e = min(e0, s + LIST_ROWS)
                 shape = (b - a, e - s)
                 D = np.matmul(G, rows[s:e].T, out=tile[: shape[0] * shape[1]].reshape(shape))
-                if first and s == s0 and e - s >= k:
-                    hits.set_threshold(qs, _kth_bound(D, k) + hits.qc2[qs] + hits.margin[qs])
-                t = np.take(hits.t32, qs, out=tq[: b - a, 0])
+                t = np.take(hits.t32, qs, out=tq[: b - a, 0])  # (pruning tightens them)
                 np.less_equal(D, t[:, None], out=mask[: D.size].reshape(shape))
                 found = _hits(mask, words, D.size) if D.size > 1 << 15 else \
                     np.flatnonzero(mask[: D.size])

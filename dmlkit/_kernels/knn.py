@@ -42,7 +42,7 @@ TILE_QUERIES = 256
 #: the rows is slow: the first prune soon tightens them).
 FIRST_ROWS = 256
 #: Candidate pairs whose exact distances are computed at once (bounds temporaries).
-EXACT_BATCH = 1 << 16
+EXACT_BATCH = 1 << 13
 #: Queries searched at once inside a tile (bounds the candidates held).
 QUERY_GROUP = 4096
 #: Index padding of a query with fewer than ``k`` neighbours in a chunk.
@@ -300,10 +300,44 @@ def candidates(P: _Prepared, QT: np.ndarray, k: int, margin: np.ndarray):
     return np.concatenate(out_q), np.concatenate(out_r)
 
 
+def pair_distances(Q: np.ndarray, q: np.ndarray, X: np.ndarray, r: np.ndarray, metric: str,
+                   rows=None) -> np.ndarray:
+    """:func:`exact_distances` of the pairs ``(Q[q[i]], X[r[i]])``, :data:`EXACT_BATCH` at a time.
+
+    The gathered rows of a batch stay small (in cache, and under the size
+    at which a worker's allocator maps fresh pages). ``rows``, if given,
+    turns gathered rows of ``X`` into what ``metric`` compares (e.g. unit
+    rows for "cosine").
+    """
+    dist = np.empty(q.size)
+    for s in range(0, q.size, EXACT_BATCH):
+        sl = slice(s, s + EXACT_BATCH)
+        Xs = X[r[sl]]
+        dist[sl] = exact_distances(Q[q[sl]], Xs if rows is None else rows(Xs), metric)
+    return dist
+
+
+def _grouped_order(q: np.ndarray, d: np.ndarray, index: np.ndarray, n_queries: int) -> np.ndarray:
+    """The permutation sorting the triples by ``(q, d, index)``.
+
+    One unstable sort of ``d`` and a stable sort of ``q`` (a radix sort for
+    fewer than 2**16 queries) give that order unless a query has two exactly
+    equal distances (only the index can then order them): that case takes a
+    full lexicographic sort.
+    """
+    by_d = np.argsort(d)
+    qs = q[by_d]
+    order = by_d[np.argsort(qs.astype(np.uint16) if n_queries <= 1 << 16 else qs, kind="stable")]
+    qo, do = q[order], d[order]
+    if ((qo[1:] == qo[:-1]) & (do[1:] == do[:-1])).any():
+        return np.lexsort((index, d, q))
+    return order
+
+
 def select(q: np.ndarray, d: np.ndarray, index: np.ndarray, n_queries: int, k: int,
            values: np.ndarray | None = None) -> Neighbors:
     """The ``k`` smallest ``(d, index)`` of each query from flat candidate triples."""
-    order = np.lexsort((index, d, q))
+    order = _grouped_order(q, d, index, n_queries)
     q, d, index = q[order], d[order], index[order]
     counts = np.bincount(q, minlength=n_queries)
     starts = np.cumsum(counts) - counts
@@ -374,10 +408,7 @@ def brute_partial(
         QT[d] = 1.0
         q_norm = np.sqrt(np.einsum("ij,ij->i", Qc, Qc, dtype=np.float64))
         q, r = candidates(P, QT, k, _margin(q_norm, P.norm_max, d))
-        dist = np.empty(q.size)
-        for s in range(0, q.size, EXACT_BATCH):
-            sl = slice(s, s + EXACT_BATCH)
-            dist[sl] = exact_distances(Qg[q[sl]], X[r[sl]], metric)
+        dist = pair_distances(Qg, q, X, r, metric)
         part = select(q, dist, r + offset, Qg.shape[0], k, None if y is None else y[r])
         for full, piece in zip(out, part):
             if full is not None:
