@@ -201,8 +201,8 @@ def ivf_partial(
     centre, squared norms appended as a column; the estimator keeps this copy
     next to the block when the index is cached) and each list is one float32
     product of the queries that probe it and its rows (see :func:`_scan`).
-    Every query's nearest list first sets its threshold (a bound on the
-    ``k``-th smallest distance there, plus the float32 rounding margin: one
+    Every query's nearest list first sets its threshold (the ``k``-th
+    smallest distance there, plus the float32 rounding margin: one
     product per list, see :func:`_first_thresholds`); then one product per
     list with all the queries probing it adds the few entries under the
     thresholds. Survivors get exact float64
@@ -293,7 +293,7 @@ def _lists_to_scan(bounds, starts) -> list:
 
 
 def _first_thresholds(rows, Qa, k: int, probing, bounds, starts) -> np.ndarray:
-    """Per query, (a bound on) the ``k``-th smallest proxy score in its nearest list.
+    """Per query, the ``k``-th smallest proxy score among the first rows of its nearest list.
 
     List ``l`` is the nearest of the queries ``probing[starts[l] :
     starts[l + 1]]``; its first :data:`LIST_ROWS` rows are compared with
@@ -350,22 +350,3 @@ def _scan(rows, Qa, hits: _Hits, probing, bounds, starts) -> None:
                 if found.size:
                     i, j = np.divmod(found, e - s)
                     hits.add(qs[i], D.ravel()[found], j + s)
-
-
-#: Rows per group whose minimum :func:`_kth_bound` takes.
-KTH_GROUP = 8
-
-
-def _kth_bound(D: np.ndarray, k: int) -> np.ndarray:
-    """An upper bound on the ``k``-th smallest entry of each row of ``D`` (``k <= D.shape[1]``).
-
-    The ``k``-th smallest of the minima of groups of :data:`KTH_GROUP`
-    columns, where there are at least ``k`` groups (``k`` group minima are
-    ``k`` distinct entries, so the bound holds; the ``k`` smallest entries
-    mostly fall in distinct groups, so it is nearly tight): a partition of
-    an eighth of the entries, after one vectorised pass. Else the exact
-    ``k``-th smallest.
-    """
-    if D.shape[1] >= KTH_GROUP * k:
-        D = np.minimum.reduceat(D, np.arange(0, D.shape[1], KTH_GROUP), axis=1)
-    return np.partition(D, k - 1, axis=1)[:, k - 1]
