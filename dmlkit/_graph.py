@@ -298,6 +298,10 @@ def _map_block(x, *rest, kernel, offsets, has_w, block_id=None):
     return _call(kernel, aligned(x), w, int(offsets[block_id[0]]), params, y)
 
 
+#: Seconds :meth:`RowBlocks.held` waits to hear that blocks a caller holds are in memory.
+HELD_WAIT_S = 1.0
+
+
 class RowBlocks:
     """Aligned row blocks of validated arrays, prepared once per fit.
 
@@ -433,6 +437,25 @@ class RowBlocks:
 
             self._holders = _resident.create(self)
         return self._holders
+
+    def held(self) -> bool:
+        """Whether a pass would now run on the workers' resident actors: ``X``'s blocks are
+        in their memory (the actors start at that pass if they have not yet)."""
+        resident = self._resident()
+        if (resident is None or resident.closed
+                or dask.base.get_scheduler() != resident.client.get):
+            return False
+        futures = resident.futures[0]
+        if getattr(self.X, "_dmlkit_in_memory", False) and not all(f.status == "finished"
+                                                                    for f in futures):
+            # held by the caller already (a few blocks moved, maybe): a moment
+            from distributed import wait
+
+            try:
+                wait(futures, timeout=HELD_WAIT_S)
+            except Exception:  # timed out
+                return False
+        return all(f.status == "finished" for f in futures)
 
     def reduce(
         self,

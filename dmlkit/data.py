@@ -488,7 +488,9 @@ def persist_placed(arrays: Sequence[da.Array | None], client) -> list[da.Array |
     referenced under the cache's keys too), and the other arrays join ``X``'s
     blocks where they end up. The returned
     arrays carry which worker thread holds each block (``_dmlkit_slots``), so
-    that passes map one task per thread (:class:`dmlkit._graph.RowBlocks`).
+    that passes map one task per thread (:class:`dmlkit._graph.RowBlocks`),
+    and whether ``X`` was in the workers' memory already (``_dmlkit_in_memory``:
+    its blocks are there at once, or as soon as the few moved ones arrive).
     """
     from dask.delayed import Delayed
     from dask.optimization import cull
@@ -499,7 +501,7 @@ def persist_placed(arrays: Sequence[da.Array | None], client) -> list[da.Array |
     n_blocks = X.numblocks[0]
     keys = [[(a.name, i) + (0,) * (a.ndim - 1) for i in range(n_blocks)] for a in live]
     held = [{f.key: f for f in futures_of(a)} for a in live]
-    x_held = all(key in held[0] for key in keys[0])
+    x_held = in_memory = all(key in held[0] for key in keys[0])
     if x_held:
         found, nthreads = _held_where([held[0][key] for key in keys[0]], client)
         small = X.nbytes <= REBALANCE_BUDGET_FRACTION * memory_budget()
@@ -553,6 +555,7 @@ def persist_placed(arrays: Sequence[da.Array | None], client) -> list[da.Array |
         placed._dmlkit_slots = slots  # which worker thread holds each block
         if x_held:  # slots read from the scheduler just now (not a placement preference)
             placed._dmlkit_held = True
+        placed._dmlkit_in_memory = in_memory  # X was held already (moved, maybe, not read)
         out.append(placed)
     it = iter(out)
     return [None if a is None else next(it) for a in arrays]

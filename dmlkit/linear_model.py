@@ -111,11 +111,15 @@ def find_classes(y_in, estimator: str, *also):
     n_parts = len(parts)
     values = _graph.compute(*parts, *also)
     classes, counts = combine_label_counts(*values[:n_parts])
-    extra = values[n_parts:]
+    check_classes(classes, estimator)
+    return (classes, counts, *values[n_parts:])
+
+
+def check_classes(classes: np.ndarray, estimator: str) -> None:
+    """At least two classes, or a ValueError that says so."""
     if classes.size < 2:
         raise ValueError(f"y has a single class ({classes.tolist()}); {estimator} "
                          "needs samples of at least 2 classes")
-    return (classes, counts, *extra)
 
 
 def class_weight_rows(class_weight: Any, w_in, y_in, classes: np.ndarray, counts: np.ndarray):

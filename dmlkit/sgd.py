@@ -45,10 +45,12 @@ from dmlkit.kmeans import _integer_seed
 from dmlkit.linear_model import (
     LinearClassifierMixin,
     LinearRegressorMixin,
+    check_classes,
     class_weight_rows,
     find_classes,
     prepare_supervised,
 )
+from dmlkit._kernels.stats import block_label_counts, combine_label_counts
 
 #: Rows of the sample that sets ``eta0="auto"``.
 CURVATURE_SAMPLE_ROWS = 8192
@@ -71,6 +73,19 @@ def _curvature_sample(X: np.ndarray, offset: int, seed: int, row_base: int,
     if fit_intercept:
         A = np.hstack([A, np.ones((A.shape[0], 1))])
     return A.T @ A, A.shape[0]
+
+
+def _block_curvature_sample(X: np.ndarray, w, offset: int, *, y=None, start: int, seed: int,
+                            row_base: int, shuffle: bool, fit_intercept: bool):
+    """:func:`_curvature_sample` of the block that starts at global row ``start``, None for
+    the others (a pass's kernel; combined by :func:`_first_found`)."""
+    if offset != start:
+        return None
+    return _curvature_sample(X, offset, seed, row_base, shuffle, fit_intercept)
+
+
+def _first_found(a, b):
+    return a if a is not None else b
 
 
 def _curvature_bound(gram: np.ndarray, m: int, family: str) -> float:
@@ -514,21 +529,47 @@ class SGDClassifier(ClassifierMixin, LinearClassifierMixin, _BaseSGD):
         w_fit = class_weight_rows(self.class_weight, w_in, y_in, classes, counts)
         return X_in, y_in, w_fit
 
+    def _held_classes(self, blocks: _graph.RowBlocks, seed: int):
+        """``(classes, counts, sample)`` from one pass of the workers' resident actors
+        over blocks they hold (``sample``: :meth:`_eta0_sample`'s, or None)."""
+        passes = [blocks.reduce(block_label_counts, combine_label_counts, None,
+                                self.split_every, name="classes")]
+        if self._auto_eta0():
+            first = int(kernels.shard_order(blocks.n_blocks, seed, 0, self.shuffle, 0)[0])
+            passes.append(blocks.reduce(
+                _block_curvature_sample, _first_found,
+                {"start": int(blocks.offsets[first]), "seed": seed, "row_base": 0,
+                 "shuffle": self.shuffle, "fit_intercept": self.fit_intercept},
+                self.split_every, name="eta0-sample"))
+        (classes, counts), *sample = _graph.compute(*passes)
+        check_classes(classes, "SGDClassifier")
+        return classes, counts, (sample[0] if sample else None)
+
     def fit(self, X: Any, y: Any = None, sample_weight: Any = None) -> "SGDClassifier":
         """Fit from scratch on ``X`` (array, dask, xarray or Zarr path) and labels ``y``."""
         self._check_params()
         self._check_loss()
-        X_in, y_in, _ = prepare_supervised(X, y, None)
+        X_in, y_in, w_in = prepare_supervised(X, y, sample_weight)
         seed = _integer_seed(self.random_state)  # drawn once per fit
-        # the step size's sample rows come in the same round trip as the classes
-        lazy = self._eta0_sample(X_in, seed)
-        classes, counts, *sample = find_classes(y_in, "SGDClassifier",
-                                                *([lazy] if lazy is not None else []))
+        blocks = None
+        if self.class_weight is None:
+            # the row weights do not depend on the classes: the blocks come first, and
+            # where the workers hold them already, one pass of their actors finds the classes
+            blocks = self._blocks(X_in, y_in, w_in, X)
+        if blocks is not None and blocks.held():
+            classes, counts, sample = self._held_classes(blocks, seed)
+        else:
+            # the step size's sample rows come in the same round trip as the classes
+            lazy = self._eta0_sample(X_in, seed)
+            classes, counts, *sample = find_classes(y_in, "SGDClassifier",
+                                                    *([lazy] if lazy is not None else []))
+            sample = sample[0] if sample else None
         self.classes_ = classes
         self._set_family(classes.size)
-        X_in, y_fit, w_fit = self._labelled(X, y, sample_weight, classes, counts)
-        blocks = self._blocks(X_in, y_fit, w_fit, X)
-        self._start(blocks, X_in.shape[1], classes.size, sample[0] if sample else None, seed)
+        if blocks is None:
+            X_in, y_fit, w_fit = self._labelled(X, y, sample_weight, classes, counts)
+            blocks = self._blocks(X_in, y_fit, w_fit, X)
+        self._start(blocks, X_in.shape[1], classes.size, sample, seed)
         self._fit(blocks)
         return self
 

@@ -346,3 +346,25 @@ def test_resident_passes_with_several_threads_per_worker(store, resident_calls):
     assert sum(resident_calls) >= ours.n_passes_ - 2
     assert_array_equal(ours.cluster_centers_, ref.cluster_centers_)
     assert ours.inertia_ == ref.inertia_
+
+
+@pytest.mark.parametrize("learning_rate", ["optimal", "invscaling"])
+def test_sgd_on_held_blocks_finds_classes_on_the_actors(client, store, resident_calls,
+                                                         learning_rate):
+    """X and y persisted by the caller in shards: the classes (and eta0's sample) come from
+    one resident pass before the first round; same bits as the synchronous fit."""
+    from dmlkit import SGDClassifier
+
+    X, _ = store
+    labels = np.array(["left", "right", "up"])[(X[:, 0] > 0).astype(int) + (X[:, 1] > 1)]
+    Xd, yd = client.persist([da.from_array(X, chunks=(5000, -1)), da.from_array(labels, 5000)])
+    kw = dict(shard_rows=5000, batch_size=200, max_epochs=1, tol=None, random_state=0,
+              learning_rate=learning_rate)
+    ours = SGDClassifier(**kw).fit(Xd, yd)
+    # the classes' pass and the 4 rounds of the epoch, all served by the actors
+    assert resident_calls == [True] * 5
+    with dask.config.set(scheduler="sync"):
+        ref = SGDClassifier(**kw).fit(X, labels)
+    assert_array_equal(ours.classes_, ["left", "right", "up"])
+    assert_array_equal(ours.coef_, ref.coef_)
+    assert_array_equal(ours.intercept_, ref.intercept_)

@@ -132,8 +132,31 @@ def combine_stats(a: DataStats, b: DataStats) -> DataStats:
 
 def label_counts(*blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Distinct labels of some blocks of ``y``, sorted, and how often each occurs."""
-    parts = [np.unique(b, return_counts=True) for b in blocks]
+    parts = [_unique_counts(b) for b in blocks]
     return combine_label_counts(*parts) if len(parts) != 1 else parts[0]
+
+
+#: Integer labels spanning fewer values than this are counted by ``bincount`` (no sort).
+COUNT_RANGE = 1 << 16
+
+
+def _unique_counts(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(b, return_counts=True)``; for integer (and boolean) labels in a short
+    range, from one ``bincount`` instead of a sort."""
+    b = np.asarray(b)
+    if b.size and b.dtype.kind in "iub" and b.ndim == 1:
+        v = b.view(np.uint8) if b.dtype.kind == "b" else b
+        lo, hi = int(v.min()), int(v.max())
+        if hi - lo < COUNT_RANGE:
+            c = np.bincount(v.astype(np.int64) - lo if lo else v, minlength=hi - lo + 1)
+            present = np.flatnonzero(c)
+            return (present + lo).astype(b.dtype), c[present]
+    return np.unique(b, return_counts=True)
+
+
+def block_label_counts(X: np.ndarray, w, offset: int, *, y: np.ndarray):
+    """:func:`label_counts` of a row block's labels (a pass's kernel; ``X`` unused)."""
+    return _unique_counts(y)
 
 
 def combine_label_counts(*parts: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
