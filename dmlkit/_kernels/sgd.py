@@ -15,8 +15,9 @@ Two kinds of partial results, both sums so that they combine in any tree:
 - :func:`step_partial` returns the loss and gradient sums of one mini-batch
   slice (synchronous SGD: the reduced gradient makes one update).
 
-Every row a kernel touches is checked for NaN and inf; the global index of
-the first bad row travels with the result.
+Every row a pass visits is checked for NaN and inf (local SGD checks a whole
+shard in the first of its calls over it); the global index of the first bad
+row travels with the result.
 """
 from __future__ import annotations
 
@@ -246,10 +247,13 @@ def local_sgd(
     ys = y[index]
     ws = None if w is None else np.asarray(w, dtype=np.float64)[index]
     m = index.size
+    # the pass's first call over a shard checks all of it (the others visit the same rows):
     # the whole shard at once is cheaper than row by row; rows only when something is wrong
-    if not (_all_finite(X) and _all_finite(ys) and (ws is None or _all_finite(ws))
-            and (ws is None or (ws >= 0).all())):
-        bad = _bad_row(X[index], ys, ws, index, row_base + offset)
+    if part == 0 and not (_all_finite(X) and _all_finite(y) and (w is None or _all_finite(w))
+                          and (w is None or (np.asarray(w) >= 0).all())):
+        everything = np.arange(n)
+        bad = _bad_row(X, y, None if w is None else np.asarray(w, dtype=np.float64),
+                       everything, row_base + offset)
         if bad >= 0:
             return SGDPartial(m * theta, m, 0.0, 0, bad)
     if m == 0:
