@@ -358,6 +358,9 @@ def test_sgd_on_held_blocks_finds_classes_on_the_actors(client, store, resident_
     X, _ = store
     labels = np.array(["left", "right", "up"])[(X[:, 0] > 0).astype(int) + (X[:, 1] > 1)]
     Xd, yd = client.persist([da.from_array(X, chunks=(5000, -1)), da.from_array(labels, 5000)])
+    from distributed import wait
+
+    wait([Xd, yd])  # in memory before the fit starts (however slow the machine)
     kw = dict(shard_rows=5000, batch_size=200, max_epochs=1, tol=None, random_state=0,
               learning_rate=learning_rate)
     ours = SGDClassifier(**kw).fit(Xd, yd)

@@ -221,3 +221,31 @@ def test_packed_nearest_picks_one_of_tied_duplicate_centres():
     c2 = np.einsum("ij,ij->i", C, C)
     labels = K._Nearest(3, 2, np.dtype(np.float32), c2)(X @ (-2.0 * C.T))
     assert labels[0] in (0, 1) and labels[1] == 2
+
+
+@pytest.mark.parametrize("labels", [
+    np.array([1, 0, 1, 1], dtype=np.int8),
+    np.array([-128, 127, 0, 127], dtype=np.int8),  # the span overflows int8
+    np.array([5, -3, 5, 2]),
+    np.array([True, False, True]),
+    np.array([2**63 + 5, 2**63 + 1, 2**63 + 5], dtype=np.uint64),
+    np.array([np.iinfo(np.int64).min, np.iinfo(np.int64).min + 3]),
+    np.array([0, 1 << 16]),  # too wide a span: sorted instead
+    np.array(["b", "a", "b"]),
+    np.array([0.5, -1.0, 0.5]),
+    np.array([], dtype=np.int64),
+])
+def test_label_counts_equal_numpy_unique(labels):
+    from dmlkit._kernels.stats import block_label_counts, combine_label_counts, label_counts
+
+    values, counts = label_counts(labels)
+    ref_values, ref_counts = np.unique(labels, return_counts=True)
+    assert values.dtype == ref_values.dtype
+    assert_array_equal(values, ref_values)
+    assert_array_equal(counts, ref_counts)
+    # the pass's kernel and combine give the same from two halves
+    half = labels.size // 2
+    merged = combine_label_counts(block_label_counts(None, None, 0, y=labels[:half]),
+                                  block_label_counts(None, None, half, y=labels[half:]))
+    assert_array_equal(merged[0], ref_values)
+    assert_array_equal(merged[1], ref_counts)

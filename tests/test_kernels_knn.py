@@ -217,11 +217,7 @@ def test_ivf_long_lists_and_many_queries_go_in_pieces(monkeypatch):
 
 @pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean"])
 def test_ivf_frequent_prunes_and_short_nearest_lists_stay_exact(monkeypatch, metric):
-    """Pruning after every product, with lists shorter than k: every list probed is exact.
-
-    A prune of a query with fewer than ``k`` candidates so far keeps the bound
-    from its nearest list (it must not loosen, nor drop a true neighbour).
-    """
+    """Pruning after every product, with lists shorter than k: every list probed is exact."""
     rng = np.random.default_rng(11)
     X = rng.standard_normal((400, 5))
     Q = rng.standard_normal((60, 5))
@@ -241,17 +237,32 @@ def test_ivf_frequent_prunes_and_short_nearest_lists_stay_exact(monkeypatch, met
     assert_allclose(out.distances, d, rtol=1e-10, atol=1e-12)
 
 
+def test_a_prune_keeps_the_bound_of_a_query_short_of_candidates():
+    """A query with fewer than k candidates so far keeps the threshold it had (from its
+    nearest list); the others get the k-th smallest of theirs plus the margin."""
+    qc2, margin = np.zeros(2), np.full(2, 1e-3)
+    hits = IVF._Hits(qc2, margin, k=3, limit=10**9)
+    hits.set_threshold(slice(None), np.array([5.0, 7.0]))
+    hits.add(np.array([0, 0, 0, 0, 1]), np.array([1.0, 2.0, 3.0, 4.0, 0.5], np.float32),
+             np.arange(5))
+    q, s, r = hits.prune()
+    assert_allclose(hits.threshold, [3.0 + 1e-3, 7.0])
+    assert_array_equal(np.sort(r), [0, 1, 2, 4])  # row 3 (4.0) is above query 0's k-th
+
+
 @settings(max_examples=60, deadline=None)
-@given(st.integers(0, 2**32 - 1), st.integers(1, 5), st.integers(1, 70))
-def test_select_orders_by_distance_then_lower_index(seed, k, n):
-    """Few distinct distances (many exact ties, within and across queries)."""
+@given(st.integers(0, 2**32 - 1), st.integers(1, 5), st.integers(1, 70), st.booleans())
+def test_select_orders_by_distance_then_lower_index(seed, k, n, ties):
+    """Few distinct distances (exact ties, within and across queries), or none; query
+    numbers past 2**16 too."""
     rng = np.random.default_rng(seed)
-    n_queries = int(rng.integers(1, 8))
+    n_queries = int(rng.integers(1, 8)) if seed % 3 else 70_000
     q = rng.integers(0, n_queries, n)
-    d = rng.integers(0, 4, n).astype(np.float64) * (1.0 if seed % 2 else rng.random())
+    d = (rng.integers(0, 4, n).astype(np.float64) * (1.0 if seed % 2 else rng.random())
+         if ties else rng.random(n))
     index = rng.permutation(1000)[:n].astype(np.int64)
     out = K.select(q, d, index, n_queries, k)
-    for j in range(n_queries):
+    for j in np.unique(q):
         mine = np.flatnonzero(q == j)
         ref = mine[np.lexsort((index[mine], d[mine]))][:k]
         got = out.indices[j][out.indices[j] != K.NO_INDEX]

@@ -117,8 +117,8 @@ def sort_block(X: np.ndarray, *, centroids: np.ndarray, metric: str):
 def probes_block(Q: np.ndarray, offset: int, *, centroids: np.ndarray, n_probe: int) -> np.ndarray:
     """The ``n_probe`` lists each (prepared) query scans: (n_queries, n_probe), int64.
 
-    The nearest list comes first (:func:`ivf_partial` scans it first, to set
-    the thresholds); the order of the others does not change the result.
+    The nearest list comes first (:func:`ivf_partial` sets the query's first
+    threshold from it); the order of the others does not change the result.
     """
     return nearest_lists(Q, centroids, n_probe, sort="first")
 
@@ -297,7 +297,7 @@ def _first_thresholds(rows, Qa, k: int, probing, bounds, starts) -> np.ndarray:
 
     List ``l`` is the nearest of the queries ``probing[starts[l] :
     starts[l + 1]]``; its first :data:`LIST_ROWS` rows are compared with
-    them (one product per list). ``inf`` where the list has fewer than
+    them (one product per list, or per :data:`LIST_QUERIES` of its queries). ``inf`` where the list has fewer than
     ``k`` rows in the block.
     """
     kth = np.full(Qa.shape[0], np.inf)
@@ -306,8 +306,10 @@ def _first_thresholds(rows, Qa, k: int, probing, bounds, starts) -> np.ndarray:
         e0 = min(bounds[lst + 1], s0 + LIST_ROWS)
         if e0 - s0 < k:
             continue
-        qs = probing[starts[lst] : starts[lst + 1]]
-        kth[qs] = np.partition(np.matmul(Qa[qs], rows[s0:e0].T), k - 1, axis=1)[:, k - 1]
+        for a in range(starts[lst], starts[lst + 1], LIST_QUERIES):  # bounded products
+            qs = probing[a : min(a + LIST_QUERIES, starts[lst + 1])]
+            D = np.matmul(Qa[qs], rows[s0:e0].T)
+            kth[qs] = np.partition(D, k - 1, axis=1)[:, k - 1]
     return kth
 
 

@@ -308,11 +308,13 @@ def _steps(X, index, ys, ws, coef, intercept, buffer, batch_size, schedule, t, a
 
 def _one_column_steps(X, index, ys, ws, coef, intercept, buffer, batch_size, schedule, t, alpha,
                       l1_ratio, fit_intercept, l1_state, *, family):
-    """:func:`_steps` for the log loss of two classes and the squared loss: the same updates,
-    in fewer NumPy calls per mini-batch (the derivative is ``p - y`` or ``z - y``).
+    """:func:`_steps` for the log loss of two classes and the squared loss, in fewer NumPy
+    calls per mini-batch (the derivative is ``p - y`` or ``z - y``).
 
-    The decision values of every visited row are kept, and the loss of the
-    rows (each before the step that used it) is summed once at the end.
+    The same updates up to the last bits (``p`` comes from scipy's
+    ``expit``). The decision values of every visited row are kept, and the
+    loss of the rows (each before the step that used it) is summed once at
+    the end.
     """
     m = index.size
     z_all = np.empty(m)

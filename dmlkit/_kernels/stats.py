@@ -146,11 +146,16 @@ def _unique_counts(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     b = np.asarray(b)
     if b.size and b.dtype.kind in "iub" and b.ndim == 1:
         v = b.view(np.uint8) if b.dtype.kind == "b" else b
-        lo, hi = int(v.min()), int(v.max())
-        if hi - lo < COUNT_RANGE:
-            c = np.bincount(v.astype(np.int64) - lo if lo else v, minlength=hi - lo + 1)
+        lo, hi = v.min(), v.max()
+        if int(hi) - int(lo) < COUNT_RANGE:
+            # offsets from the smallest label: signed ones in int64, unsigned ones in their
+            # own dtype (neither overflows)
+            wide = v.dtype.kind == "i"
+            offsets = v.astype(np.int64) - np.int64(lo) if wide else (v - lo).astype(np.intp)
+            c = np.bincount(offsets, minlength=int(hi) - int(lo) + 1)
             present = np.flatnonzero(c)
-            return (present + lo).astype(b.dtype), c[present]
+            values = present + np.int64(lo) if wide else present.astype(v.dtype) + lo
+            return values.astype(b.dtype), c[present]
     return np.unique(b, return_counts=True)
 
 
