@@ -473,7 +473,9 @@ class SGDClassifier(ClassifierMixin, LinearClassifierMixin, _BaseSGD):
     Local mode reads every shard once per round (``1 / sync_every`` rounds
     per epoch: from memory when cached, else from the store). Sync mode reads
     every shard once per epoch and makes one round trip per update. Finding the
-    classes costs one pass over ``y``; ``eta0="auto"`` reads one shard.
+    classes costs one pass over ``y``; ``eta0="auto"`` reads one shard. On
+    blocks the workers already hold (and without ``class_weight``), both come
+    from one pass of the resident actors that then run the rounds.
     """
 
     def __init__(self, loss: str = "log_loss", *, penalty: str | None = "l2", alpha: float = 1e-4,
