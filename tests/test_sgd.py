@@ -121,6 +121,31 @@ def test_local_sgd_with_one_batch_is_one_gradient_step():
     assert_allclose(out.theta_sum / 40, expected, rtol=1e-12)
 
 
+@pytest.mark.parametrize("family", ["binomial", "squared"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("l1_ratio, fit_intercept", [(0.0, True), (0.5, False)])
+def test_lean_one_column_loop_makes_the_generic_updates(monkeypatch, family, weighted,
+                                                         l1_ratio, fit_intercept):
+    """The log loss of two classes and the squared loss take a loop of their own: the same
+    updates and loss as the generic one, up to rounding."""
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((700, 5)).astype(np.float32)
+    y = rng.integers(0, 2, 700) if family == "binomial" else rng.standard_normal(700)
+    w = rng.random(700) if weighted else None
+    kw = dict(y=y, theta=rng.standard_normal(6 if fit_intercept else 5) * 0.1, family=family,
+              n_classes=2, fit_intercept=fit_intercept, epsilon=0.0, alpha=1e-3,
+              l1_ratio=l1_ratio, schedule={"name": "invscaling", "eta0": 0.05,
+                                           "power_t": 0.25, "alpha": 1e-3, "t0": 1.0},
+              t_start=3.0, batch_size=64, part=1, n_parts=3, seed=0, pass_index=0,
+              row_base=0, shuffle=True)
+    lean = kernels.local_sgd(X, w, 0, **kw)
+    monkeypatch.setattr(kernels, "ONE_COLUMN", ())
+    generic = kernels.local_sgd(X, w, 0, **kw)
+    assert_allclose(lean.theta_sum, generic.theta_sum, rtol=1e-12, atol=1e-14)
+    assert_allclose(lean.loss, generic.loss, rtol=1e-12)
+    assert (lean.rows, lean.steps, lean.bad) == (generic.rows, generic.steps, generic.bad)
+
+
 def test_l1_update_soft_thresholds():
     coef, intercept = np.array([[0.5, -0.05, 0.2]]), np.array([1.0])
     kernels.apply_update(coef, intercept, np.zeros((1, 3)), np.array([0.5]), eta=1.0, alpha=0.1,
