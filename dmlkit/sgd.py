@@ -190,13 +190,15 @@ class _BaseSGD(BaseEstimator):
         ``eta0`` is not "auto")."""
         if not self._auto_eta0():
             return None
-        n = X_in.shape[0]
-        first = int(kernels.shard_order(-(-n // self.shard_rows), seed, 0, self.shuffle, 0)[0])
-        start = first * self.shard_rows
+        start = self._first_shard(-(-X_in.shape[0] // self.shard_rows), seed) * self.shard_rows
         # on a worker that holds the shard: only the sample's Gram matrix travels
         return dask.delayed(_curvature_sample, pure=True)(
             X_in[start : start + self.shard_rows], start, seed, 0, self.shuffle,
             self.fit_intercept)
+
+    def _first_shard(self, n_shards: int, seed: int, first_row: int = 0) -> int:
+        """The shard a first epoch visits first (whose rows set ``eta0="auto"``)."""
+        return int(kernels.shard_order(n_shards, seed, 0, self.shuffle, first_row)[0])
 
     def _initial_eta0(self, blocks: _graph.RowBlocks, sample: tuple | None = None) -> float:
         if not (isinstance(self.eta0, str) and self.eta0 == "auto"):
@@ -205,8 +207,7 @@ class _BaseSGD(BaseEstimator):
             return 0.0  # not used: the rate is 1 / (alpha (t0 + t))
         # 1 / (a bound on the curvature) from the first rows of the first shard visited
         if sample is None:
-            first = int(kernels.shard_order(blocks.n_blocks, self._seed, 0, self.shuffle,
-                                            self._rows_seen)[0])
+            first = self._first_shard(blocks.n_blocks, self._seed, self._rows_seen)
             sample, = _graph.compute(dask.delayed(_curvature_sample, pure=True)(
                 blocks.X.blocks[first], int(blocks.offsets[first]), self._seed,
                 self._rows_seen, self.shuffle, self.fit_intercept))
@@ -537,7 +538,7 @@ class SGDClassifier(ClassifierMixin, LinearClassifierMixin, _BaseSGD):
         passes = [blocks.reduce(block_label_counts, combine_label_counts, None,
                                 self.split_every, name="classes")]
         if self._auto_eta0():
-            first = int(kernels.shard_order(blocks.n_blocks, seed, 0, self.shuffle, 0)[0])
+            first = self._first_shard(blocks.n_blocks, seed)
             passes.append(blocks.reduce(
                 _block_curvature_sample, _first_found,
                 {"start": int(blocks.offsets[first]), "seed": seed, "row_base": 0,
@@ -569,8 +570,8 @@ class SGDClassifier(ClassifierMixin, LinearClassifierMixin, _BaseSGD):
         self.classes_ = classes
         self._set_family(classes.size)
         if blocks is None:
-            X_in, y_fit, w_fit = self._labelled(X, y, sample_weight, classes, counts)
-            blocks = self._blocks(X_in, y_fit, w_fit, X)
+            w_fit = class_weight_rows(self.class_weight, w_in, y_in, classes, counts)
+            blocks = self._blocks(X_in, y_in, w_fit, X)
         self._start(blocks, X_in.shape[1], classes.size, sample, seed)
         self._fit(blocks)
         return self

@@ -297,8 +297,8 @@ def _first_thresholds(rows, Qa, k: int, probing, bounds, starts) -> np.ndarray:
 
     List ``l`` is the nearest of the queries ``probing[starts[l] :
     starts[l + 1]]``; its first :data:`LIST_ROWS` rows are compared with
-    them (one product per list, or per :data:`LIST_QUERIES` of its queries). ``inf`` where the list has fewer than
-    ``k`` rows in the block.
+    them (one product per list, or per :data:`LIST_QUERIES` of its queries).
+    ``inf`` where the list has fewer than ``k`` rows in the block.
     """
     kth = np.full(Qa.shape[0], np.inf)
     for lst in _lists_to_scan(bounds, starts):

@@ -244,16 +244,15 @@ def local_sgd(
     n, d = X.shape
     index = shard_permutation(n, seed, pass_index, row_base + offset, shuffle)[
         _slice(n, part, n_parts)]
+    w = None if w is None else np.asarray(w, dtype=np.float64)
     ys = y[index]
-    ws = None if w is None else np.asarray(w, dtype=np.float64)[index]
+    ws = None if w is None else w[index]
     m = index.size
     # the pass's first call over a shard checks all of it (the others visit the same rows):
     # the whole shard at once is cheaper than row by row; rows only when something is wrong
-    if part == 0 and not (_all_finite(X) and _all_finite(y) and (w is None or _all_finite(w))
-                          and (w is None or (np.asarray(w) >= 0).all())):
-        everything = np.arange(n)
-        bad = _bad_row(X, y, None if w is None else np.asarray(w, dtype=np.float64),
-                       everything, row_base + offset)
+    if part == 0 and not (_all_finite(X) and _all_finite(y)
+                          and (w is None or (_all_finite(w) and (w >= 0).all()))):
+        bad = _bad_row(X, y, w, np.arange(n), row_base + offset)
         if bad >= 0:
             return SGDPartial(m * theta, m, 0.0, 0, bad)
     if m == 0:
