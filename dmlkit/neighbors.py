@@ -293,14 +293,14 @@ class _NeighborsBase(BaseEstimator):
             K.check_finite_queries(Qd, 0)
             # enough query blocks that the tiles keep every worker thread busy; IVF tiles
             # loop over the lists, so there as few as that takes (one per thread)
-            busy = (1 if self.algorithm == "ivf" else 2) * data._total_threads()
+            threads = data._total_threads()
+            busy = (1 if self.algorithm == "ivf" else 2) * threads
             want = max(1, -(-busy // data_X.numblocks[0]))
             rows = min(max(-(-Qd.shape[0] // want), MIN_QUERY_ROWS), MAX_QUERY_ROWS)
             import dask.array as da
 
             prepared = K.prepare_queries(Qd, self.metric)
             Qd = da.from_array(prepared, chunks=(rows, Qd.shape[1]))
-            threads = data._total_threads()
             if self.algorithm == "ivf" and Qd.numblocks[0] < threads:
                 # choosing the lists is per query: one independent block per worker thread
                 # (the scheduler spreads them), the tiles then take Qd's blocks
@@ -318,7 +318,7 @@ class _NeighborsBase(BaseEstimator):
             n_probe = min(n_probe, self.n_lists_)
             probes = _graph.map_row_blocks(
                 Qd if Q_probe is None else Q_probe, IVF.probes_block,
-                {"centroids": self.cluster_centers_, "n_probe": n_probe}, np.int64, n_probe)
+                {"centroids": self.cluster_centers_, "n_probe": n_probe}, np.int32, n_probe)
             if Q_probe is not None:
                 probes = probes.rechunk({0: Qd.chunks[0]})
             parts = _graph.tiles(
@@ -346,6 +346,23 @@ class _NeighborsBase(BaseEstimator):
         """A lazy array of ``func(part, **finish[i], **extra)`` over the query blocks."""
         params = [dict(f, **(extra or {})) for f in finish]
         return _graph.stack(parts, func, n_rows, dtype, n_columns, params)
+
+    def _results(self, search, *outputs):
+        """Each output ``(func, dtype, n_columns, extra)`` of a :meth:`_search` over the query
+        blocks, stacked.
+
+        Lazy arrays when the search is lazy. Otherwise computed together:
+        the merged records come to the client, which applies ``func`` to
+        each (with a progress bar, through the lazy arrays instead).
+        """
+        parts, n_rows, finish, lazy = search
+        if lazy or self.progress:
+            arrays = [self._collect(parts, n_rows, func, finish, dtype, n_columns, extra)
+                      for func, dtype, n_columns, extra in outputs]
+            return arrays if lazy else list(self._compute(*arrays))
+        records = _graph.compute(*parts)
+        return [np.concatenate([func(r, **f, **(extra or {})) for r, f in zip(records, finish)])
+                .astype(dtype, copy=False) for func, dtype, _, extra in outputs]
 
     def _compute(self, *arrays):
         """Compute lazy results together, with a progress bar over query blocks if asked."""
@@ -394,15 +411,12 @@ class _NeighborsBase(BaseEstimator):
             If ``n_neighbors`` exceeds the fitted rows, ``Q`` has another number
             of features, or holds NaN or inf (for lazy ``Q``: when computed).
         """
-        parts, n_rows, finish, lazy = self._search(Q, n_neighbors)
-        k = finish[0]["k"]
-        ind = self._collect(parts, n_rows, K.indices_of, finish, np.int64, k)
-        dist = self._collect(parts, n_rows, K.distances_of, finish, np.float64, k)
-        if lazy:
-            return (dist, ind) if return_distance else ind
+        search = self._search(Q, n_neighbors)
+        k = search[2][0]["k"]
+        ind = (K.indices_of, np.int64, k, None)
         if return_distance:
-            return tuple(self._compute(dist, ind))
-        return self._compute(ind)[0]
+            return tuple(self._results(search, (K.distances_of, np.float64, k, None), ind))
+        return self._results(search, ind)[0]
 
     def kneighbors_graph(self, Q: Any = None, n_neighbors: int | None = None,
                          mode: str = "connectivity"):
@@ -425,15 +439,15 @@ class _NeighborsBase(BaseEstimator):
             raise ValueError(f"mode={mode!r} should be one of {_MODES}")
         from scipy.sparse import csr_matrix
 
-        parts, n_rows, finish, _ = self._search(Q, n_neighbors)
-        k = finish[0]["k"]
-        ind = self._collect(parts, n_rows, K.indices_of, finish, np.int64, k)
+        search = self._search(Q, n_neighbors)
+        search = search[:3] + (False,)  # computed, even for lazy Q
+        k = search[2][0]["k"]
+        ind = (K.indices_of, np.int64, k, None)
         if mode == "distance":
-            dist = self._collect(parts, n_rows, K.distances_of, finish, np.float64, k)
-            dist, ind = self._compute(dist, ind)
+            dist, ind = self._results(search, (K.distances_of, np.float64, k, None), ind)
             values = dist.ravel()
         else:
-            (ind,) = self._compute(ind)
+            (ind,) = self._results(search, ind)
             values = np.ones(ind.size)
         nq = ind.shape[0]
         found = ind.ravel() >= 0
@@ -594,10 +608,9 @@ class _SupervisedMixin:
         self.progress = progress
 
     def _predict_blocks(self, Q: Any, func, dtype, n_columns=None, extra=None):
-        parts, n_rows, finish, lazy = self._search(Q, None, with_values=True)
         extra = dict(extra or {}, weights=self.weights)
-        out = self._collect(parts, n_rows, func, finish, dtype, n_columns, extra)
-        return out if lazy else self._compute(out)[0]
+        return self._results(self._search(Q, None, with_values=True),
+                             (func, dtype, n_columns, extra))[0]
 
     def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
         """Accuracy (classifier) or R^2 (regressor) of ``predict(X)`` against ``y``.

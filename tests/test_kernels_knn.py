@@ -237,6 +237,36 @@ def test_ivf_frequent_prunes_and_short_nearest_lists_stay_exact(monkeypatch, met
     assert_allclose(out.distances, d, rtol=1e-10, atol=1e-12)
 
 
+@settings(max_examples=80, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 40), st.integers(2, 600),
+       st.sampled_from([3, 50, 2**24]))
+def test_probe_selection_takes_the_n_smallest(seed, rows, m, distinct):
+    """The bounded selection of the probed lists: exactly the n smallest scores of each row
+    (with exact ties at the n-th, as many of them as fit), whatever the row length."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, m))
+    scores = rng.integers(0, distinct, size=(rows, m)).astype(np.float32)
+    cols = IVF._smallest(scores, n)
+    assert cols.shape == (rows, n)
+    for row, c in zip(scores, cols):
+        assert np.unique(c).size == n
+        assert_array_equal(np.sort(row[c]), np.sort(row)[:n])
+
+
+def test_probes_are_the_nearest_centroids_nearest_first():
+    rng = np.random.default_rng(5)
+    C = rng.standard_normal((1000, 6))
+    Q = rng.standard_normal((300, 6)).astype(np.float32)
+    probes = IVF.probes_block(Q, 0, centroids=C, n_probe=48)
+    d = ((Q[:, None, :].astype(np.float64) - C[None]) ** 2).sum(-1)
+    got = np.take_along_axis(d, probes, axis=1)
+    assert probes.dtype == np.int32
+    assert all(np.unique(p).size == 48 for p in probes)
+    # the same distances as the 48 nearest (up to the scores' float32 rounding)
+    assert_allclose(np.sort(got, axis=1), np.sort(d, axis=1)[:, :48], rtol=1e-5)
+    assert_allclose(got[:, 0], d.min(axis=1), rtol=1e-5)
+
+
 def test_a_prune_keeps_the_bound_of_a_query_short_of_candidates():
     """A query with fewer than k candidates so far keeps the threshold it had (from its
     nearest list); the others get the k-th smallest of theirs plus the margin."""
