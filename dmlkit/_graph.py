@@ -582,6 +582,7 @@ def tiles(
     rows: dict[str, da.Array] | None = None,
     split_every: int | None = None,
     name: str = "tile",
+    whole: Sequence[da.Array] = (),
 ) -> list:
     """Map ``kernel`` over every (data block, query block) pair, tree-combine per query block.
 
@@ -604,6 +605,10 @@ def tiles(
         with one column chunk), passed to ``kernel`` by keyword, block by block.
     split_every : int or None
         Fan-in of each query block's tree (None: 8).
+    whole : sequence of dask arrays, optional
+        Query-side arrays in other row chunks, for queries in a single block:
+        each tile gets them whole (their blocks concatenated inside the tile
+        task, no task of its own), after the ``queries``.
 
     Returns
     -------
@@ -631,19 +636,27 @@ def tiles(
     for q in queries:
         if q.chunks[0] != q_chunks or (q.ndim == 2 and q.numblocks[1] != 1):
             raise ValueError("query arrays must share their row chunks and have one column chunk")
+    if whole and len(q_chunks) != 1:
+        raise ValueError(f"whole= needs the queries in one block; they have {len(q_chunks)}")
+    for w in whole:
+        if w.shape[0] != sum(q_chunks) or (w.ndim == 2 and w.numblocks[1] != 1):
+            raise ValueError("whole= arrays must have the queries' rows and one column chunk")
     offsets = np.concatenate([[0], np.cumsum(X.chunks[0])[:-1]]).astype(np.int64)
     offs = da.from_array(offsets, chunks=1)
     shipped = dask.delayed(params if params is not None else {}, traverse=False, pure=True)
     args = [X, "af", offs, "a"]
     for i, q in enumerate(queries):
         args += [q, "b" if q.ndim == 1 else ("b", f"q{i}")]
+    for i, w in enumerate(whole):  # an index of their own, not in the output: concatenated
+        args += [w, "c" if w.ndim == 1 else ("c", f"w{i}")]
     for i, v in enumerate(rows.values()):
         args += [v, "a" if v.ndim == 1 else ("a", f"r{i}")]
     args += [shipped, None]
-    token = dask.base.tokenize(kernel, combine, fan_in, shipped.key, X, *queries, *rows.values(),
-                               sorted(rows))
+    token = dask.base.tokenize(kernel, combine, fan_in, shipped.key, X, *queries, *whole,
+                               *rows.values(), sorted(rows))
     parts = da.blockwise(
-        _tile_block, "ab", *args, kernel=kernel, n_queries=len(queries), row_names=list(rows),
+        _tile_block, "ab", *args, kernel=kernel, n_queries=len(queries) + len(whole),
+        row_names=list(rows),
         name=f"{name}-tile-{token}", dtype=object, concatenate=True, align_arrays=False,
         adjust_chunks={"a": 1, "b": 1}, meta=np.empty((0, 0), dtype=object),
     )

@@ -319,15 +319,18 @@ class _NeighborsBase(BaseEstimator):
             probes = _graph.map_row_blocks(
                 Qd if Q_probe is None else Q_probe, IVF.probes_block,
                 {"centroids": self.cluster_centers_, "n_probe": n_probe}, np.int32, n_probe)
-            if Q_probe is not None:
-                probes = probes.rechunk({0: Qd.chunks[0]})
+            queries, whole = [Qd, probes], []
+            if Q_probe is not None and Qd.numblocks[0] == 1:
+                queries, whole = [Qd], [probes]  # joined inside the tiles
+            elif Q_probe is not None:
+                queries[1] = probes.rechunk({0: Qd.chunks[0]})
             parts = _graph.tiles(
-                data_X, [Qd, probes], IVF.ivf_tile, K.merge_neighbors,
+                data_X, queries, IVF.ivf_tile, K.merge_neighbors,
                 {"k": k_search, "metric": self.metric, "centroids": self.cluster_centers_,
                  "center": self._ivf["center"]},
                 rows={"X": self._ivf["X"], "lists": self._ivf["list"],
                       "index": self._ivf["index"], **rows_kw},
-                split_every=self.split_every, name="knn-ivf")
+                split_every=self.split_every, name="knn-ivf", whole=whole)
         else:
             parts = _graph.tiles(data_X, [Qd], K.brute_partial, K.merge_neighbors,
                                  {"k": k_search, "metric": self.metric}, rows=rows_kw,

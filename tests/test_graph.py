@@ -214,3 +214,29 @@ def test_one_block_per_slot_needs_no_groups():
     assert _graph.groups_of([("a", 0), ("b", 0)]) is None
     assert _graph.groups_of(None) is None
     assert _graph.groups_of([("a", 0), ("a", 0), ("b", 0)]) == [[0, 1], [2]]
+
+
+def _tile_sums(x, offset, q, *extra):
+    """Per query: its row sum, plus the block's sum, plus the extra arrays' rows."""
+    out = q.sum(axis=1) + x.sum()
+    for e in extra:
+        out = out + (e if e.ndim == 1 else e.sum(axis=1))
+    return out
+
+
+def test_tiles_take_whole_arrays_joined_inside_the_tile():
+    """An array in other row chunks than the (single-block) queries reaches every tile
+    whole, with no task of its own, and gives what a rechunked copy gives."""
+    rng = np.random.default_rng(0)
+    X = da.from_array(rng.standard_normal((50, 3)), chunks=(20, 3))
+    Q = da.from_array(rng.standard_normal((9, 3)), chunks=(9, 3))
+    side = da.from_array(rng.standard_normal((9, 2)), chunks=(4, 2))
+    add_ = lambda a, b: a + b  # noqa: E731
+    joined = _graph.tiles(X, [Q], _tile_sums, add_, whole=[side])
+    rechunked = _graph.tiles(X, [Q, side.rechunk({0: 9})], _tile_sums, add_)
+    (a,), (b,) = dask.compute(*joined), dask.compute(*rechunked)
+    assert_allclose(a, b)
+    assert_allclose(a, 3 * (Q.sum(axis=1) + side.sum(axis=1)).compute() + X.sum().compute())
+    assert not any("rechunk" in str(k) for k in joined[0].__dask_graph__())
+    with pytest.raises(ValueError, match="one block"):
+        _graph.tiles(X, [Q.rechunk(3)], _tile_sums, add_, whole=[side])

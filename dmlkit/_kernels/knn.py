@@ -85,11 +85,19 @@ def merge_neighbors(a: Neighbors, b: Neighbors) -> Neighbors:
 
     Rows are ordered by distance, then by global index, a total order on
     distinct rows: merging in any grouping gives the same record bit for bit.
+    One stable argsort by distance (each record is in that order already);
+    only the queries with equal distances among their ``k + 1`` first are
+    sorted again, by distance and index.
     """
     k = a.distances.shape[1]
     d = np.concatenate([a.distances, b.distances], axis=1)
     i = np.concatenate([a.indices, b.indices], axis=1)
-    order = np.lexsort((_sort_key(i), d), axis=1)[:, :k]
+    order = np.argsort(d, axis=1, kind="stable")
+    first = np.take_along_axis(d, order[:, : k + 1], axis=1)
+    tied = np.flatnonzero((first[:, 1:] == first[:, :-1]).any(axis=1))
+    if tied.size:
+        order[tied] = np.lexsort((_sort_key(i[tied]), d[tied]), axis=1)
+    order = order[:, :k]
     values = None
     if a.values is not None:
         values = np.take_along_axis(np.concatenate([a.values, b.values], axis=1), order, axis=1)
