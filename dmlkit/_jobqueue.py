@@ -106,7 +106,7 @@ def _start_batch(system: str, *, source: str, jobs: int | None, cores: Any, memo
             f"and ...__MEMORY=4GiB)"
         )
 
-    job_kwargs = {**kwargs, "cores": cores, "memory": memory}
+    job_kwargs = {**_with_worker_malloc(kwargs, section), "cores": cores, "memory": memory}
     if security is not None:
         job_kwargs["security"] = security
     cluster = cls(**job_kwargs)  # starts the scheduler in this process; submits nothing yet
@@ -144,6 +144,33 @@ class _DropReported(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         return not getattr(exc, "_dmlkit_reported", False)
+
+
+def _with_worker_malloc(kwargs: Mapping[str, Any], section: str) -> dict:
+    """The batch cluster's keyword arguments, with a job script that exports dmlkit's
+    malloc settings (:data:`dmlkit._local.WORKER_MALLOC`) before starting the workers.
+
+    A job's nanny gives its worker processes the variables of its own environment
+    over dask's defaults (``MALLOC_TRIM_THRESHOLD_=65536``), so the worker kernels get the
+    same memory behaviour as on dmlkit's LocalCluster. Nothing is added when the user
+    configured malloc (dask config, this process's environment, or a prologue line
+    that mentions it) or passes the deprecated ``env_extra``.
+    """
+    import dask
+
+    from dmlkit._local import WORKER_MALLOC, _malloc_configured
+
+    if "env_extra" in kwargs:
+        return dict(kwargs)
+    prologue = kwargs.get("job_script_prologue")
+    if prologue is None:
+        prologue = dask.config.get(f"{section}.job-script-prologue", None) or []
+    prologue = list(prologue)
+    environ = dask.config.get("distributed.nanny.pre-spawn-environ", {}) or {}
+    if _malloc_configured(environ) or any("MALLOC_" in str(line) for line in prologue):
+        return dict(kwargs)
+    exports = [f"export {name}={value}" for name, value in WORKER_MALLOC.items()]
+    return {**kwargs, "job_script_prologue": prologue + exports}
 
 
 def _submit_jobs(cluster: Any, system: str, jobs: int) -> None:

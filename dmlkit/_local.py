@@ -119,6 +119,14 @@ def _dashboard_address() -> str:
     return f"127.0.0.1:{_DEFAULT_DASHBOARD_PORT}"
 
 
+def _malloc_configured(environ: Mapping[str, Any]) -> bool:
+    """Whether the user set the malloc variables (in dask's pre-spawn ``environ`` or this
+    process's environment)."""
+    return str(environ.get("MALLOC_TRIM_THRESHOLD_", "65536")) != "65536" or \
+        "MALLOC_MMAP_THRESHOLD_" in environ or \
+        any(name in os.environ for name in WORKER_MALLOC)
+
+
 def _worker_environ() -> dict:
     """Dask's environment for new worker processes with :data:`WORKER_MALLOC`, unless the
     malloc variables were configured by the user (in dask's config or this process's
@@ -126,10 +134,7 @@ def _worker_environ() -> dict:
     import dask
 
     environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}) or {})
-    configured = str(environ.get("MALLOC_TRIM_THRESHOLD_", "65536")) != "65536" or \
-        "MALLOC_MMAP_THRESHOLD_" in environ or \
-        any(name in os.environ for name in WORKER_MALLOC)
-    return environ if configured else {**environ, **WORKER_MALLOC}
+    return environ if _malloc_configured(environ) else {**environ, **WORKER_MALLOC}
 
 
 def _local_cluster(cluster_kwargs: Mapping[str, Any]):

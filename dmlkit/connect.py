@@ -112,7 +112,9 @@ def connect(
         comes from the dask config, i.e. the user's ``jobqueue.yaml``
         (``~/.config/dask/jobqueue.yaml``, section ``jobqueue.<system>``:
         queue, account, walltime, interface, log-directory, ...). The job
-        script is printed unless ``quiet``.
+        script is printed unless ``quiet``; it exports the LocalCluster's
+        malloc settings before starting the workers (added after your
+        ``job_script_prologue``, unless you configured malloc yourself).
     jobs : int, optional
         Number of batch jobs to submit (``cluster.scale(jobs=jobs)``), each
         running ``processes`` workers. Default: ``DMLKIT_JOBS`` if set, else 1.

@@ -306,6 +306,29 @@ def test_batch_cores_and_memory_come_from_the_dask_config(no_batch_commands):
             connect(cluster="sge", jobs=1)
 
 
+def test_batch_job_scripts_export_the_worker_malloc_settings(no_batch_commands, monkeypatch):
+    import dask
+
+    from dmlkit._local import WORKER_MALLOC
+
+    for name in WORKER_MALLOC:
+        monkeypatch.delenv(name, raising=False)
+    exports = [f"export {k}={v}" for k, v in WORKER_MALLOC.items()]
+    with connect(cluster="sge", jobs=0, cores=1, memory="1GiB", quiet=True,
+                 job_script_prologue=["module load python"], **LOCAL_SCHEDULER) as client:
+        script = client.cluster.job_script()
+    assert all(line in script for line in ["module load python", *exports])
+    assert script.index("module load python") < script.index(exports[0])
+    # the user's own malloc settings win: nothing is added
+    with connect(cluster="sge", jobs=0, cores=1, memory="1GiB", quiet=True,
+                 job_script_prologue=["export MALLOC_ARENA_MAX=2"], **LOCAL_SCHEDULER) as client:
+        assert not any(line in client.cluster.job_script() for line in exports)
+    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": 1024}):
+        with connect(cluster="sge", jobs=0, cores=1, memory="1GiB", quiet=True,
+                     **LOCAL_SCHEDULER) as client:
+            assert not any(line in client.cluster.job_script() for line in exports)
+
+
 def test_batch_argument_errors(no_batch_commands, monkeypatch):
     with pytest.raises(ValueError, match="cluster='torque' should be one of"):
         connect(cluster="torque")

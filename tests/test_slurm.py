@@ -138,6 +138,11 @@ def test_workers_are_the_slurm_jobs(on_slurm):
     assert {f"{j} RUNNING" for j in job_ids} <= set(running)
     worker_jobs = client.run(lambda: os.environ.get("SLURM_JOB_ID"))
     assert len(worker_jobs) == 2 and sorted(worker_jobs.values()) == sorted(job_ids)
+    # the job script's exports reach the worker processes over dask's malloc defaults
+    from dmlkit._local import WORKER_MALLOC
+    if not any(name in os.environ for name in WORKER_MALLOC):
+        seen = client.run(lambda: {n: os.environ.get(n) for n in WORKER_MALLOC})
+        assert all(env == WORKER_MALLOC for env in seen.values()), seen
 
 
 def test_kmeans_and_logistic_regression_on_slurm_equal_the_sync_fits(on_slurm, data):
