@@ -160,8 +160,8 @@ def _with_worker_malloc(kwargs: Mapping[str, Any], section: str) -> dict:
 
     from dmlkit._local import WORKER_MALLOC, _malloc_configured
 
-    if "env_extra" in kwargs:
-        return dict(kwargs)
+    if "env_extra" in kwargs or dask.config.get(f"{section}.env-extra", None):
+        return dict(kwargs)  # dask-jobqueue would drop env_extra for our prologue
     prologue = kwargs.get("job_script_prologue")
     if prologue is None:
         prologue = dask.config.get(f"{section}.job-script-prologue", None) or []
