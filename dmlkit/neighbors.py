@@ -356,7 +356,8 @@ class _NeighborsBase(BaseEstimator):
 
         Lazy arrays when the search is lazy. Otherwise computed together:
         the merged records come to the client, which applies ``func`` to
-        each (with a progress bar, through the lazy arrays instead).
+        each (with a progress bar, through the lazy arrays instead). For
+        outputs about the size of a record (neighbours, distances).
         """
         parts, n_rows, finish, lazy = search
         if lazy or self.progress:
@@ -611,9 +612,12 @@ class _SupervisedMixin:
         self.progress = progress
 
     def _predict_blocks(self, Q: Any, func, dtype, n_columns=None, extra=None):
+        # the finishers run in tasks, next to the merged records (a record holds k values per
+        # query, the prediction one)
+        parts, n_rows, finish, lazy = self._search(Q, None, with_values=True)
         extra = dict(extra or {}, weights=self.weights)
-        return self._results(self._search(Q, None, with_values=True),
-                             (func, dtype, n_columns, extra))[0]
+        out = self._collect(parts, n_rows, func, finish, dtype, n_columns, extra)
+        return out if lazy else self._compute(out)[0]
 
     def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
         """Accuracy (classifier) or R^2 (regressor) of ``predict(X)`` against ``y``.

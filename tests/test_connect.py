@@ -323,6 +323,12 @@ def test_batch_job_scripts_export_the_worker_malloc_settings(no_batch_commands, 
     with connect(cluster="sge", jobs=0, cores=1, memory="1GiB", quiet=True,
                  job_script_prologue=["export MALLOC_ARENA_MAX=2"], **LOCAL_SCHEDULER) as client:
         assert not any(line in client.cluster.job_script() for line in exports)
+    # a config env-extra (deprecated) would be dropped by dask-jobqueue for a prologue
+    with dask.config.set({"jobqueue.sge.env-extra": ["module load python"]}):
+        with connect(cluster="sge", jobs=0, cores=1, memory="1GiB", quiet=True,
+                     **LOCAL_SCHEDULER) as client:
+            script = client.cluster.job_script()
+        assert "module load python" in script and not any(line in script for line in exports)
     with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": 1024}):
         with connect(cluster="sge", jobs=0, cores=1, memory="1GiB", quiet=True,
                      **LOCAL_SCHEDULER) as client:
