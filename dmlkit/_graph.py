@@ -648,7 +648,7 @@ def tiles(
     for i, q in enumerate(queries):
         args += [q, "b" if q.ndim == 1 else ("b", f"q{i}")]
     for i, w in enumerate(whole):  # an index of their own, not in the output: concatenated
-        args += [w, "c" if w.ndim == 1 else ("c", f"w{i}")]
+        args += [w, (f"c{i}",) if w.ndim == 1 else (f"c{i}", f"w{i}")]
     for i, v in enumerate(rows.values()):
         args += [v, "a" if v.ndim == 1 else ("a", f"r{i}")]
     args += [shipped, None]

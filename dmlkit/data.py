@@ -529,24 +529,28 @@ def persist_placed(arrays: Sequence[da.Array | None], client) -> list[da.Array |
             sources.append([Delayed(key, optimized) for key in keys[j]])
     futures = [[held[j].get(key) if sources[j] is None else None for key in keys[j]]
                for j in range(len(live))]
-    # one persist per worker, of every block it is to hold
+    # per worker, one persist of every block it is to hold: the row vectors' blocks
+    # first (a higher priority), so that none waits behind a long read of X's block,
+    # where the scheduler's work stealing could move it away from X's block
     for addr in sorted(set(where)):
         mine = [i for i in range(n_blocks) if where[i] == addr]
-        todo = [(j, i) for j in range(len(live)) if sources[j] is not None for i in mine]
-        if not todo:
-            continue
-        graph, merged = {}, set()
-        for j, i in todo:
-            part = sources[j][i].__dask_graph__()
-            if id(part) not in merged:
-                merged.add(id(part))
-                graph.update(part)
-        wanted = [sources[j][i].key for j, i in todo]
-        graph, _ = cull(graph, wanted)  # only what this worker's blocks need
-        done = client.persist([Delayed(key, graph) for key in wanted], workers=[addr],
-                              allow_other_workers=True, optimize_graph=False)
-        for (j, i), value in zip(todo, done):
-            (futures[j][i],) = futures_of(value)
+        for arrays_, priority in ((range(1, len(live)), 1), ((0,), 0)):
+            todo = [(j, i) for j in arrays_ if sources[j] is not None for i in mine]
+            if not todo:
+                continue
+            graph, merged = {}, set()
+            for j, i in todo:
+                part = sources[j][i].__dask_graph__()
+                if id(part) not in merged:
+                    merged.add(id(part))
+                    graph.update(part)
+            wanted = [sources[j][i].key for j, i in todo]
+            graph, _ = cull(graph, wanted)  # only what this worker's blocks need
+            done = client.persist([Delayed(key, graph) for key in wanted], workers=[addr],
+                                  allow_other_workers=True, optimize_graph=False,
+                                  priority=priority)
+            for (j, i), value in zip(todo, done):
+                (futures[j][i],) = futures_of(value)
     out = []
     for j, (a, name) in enumerate(zip(live, names)):
         layer = {f.key: f for f in futures[j]}

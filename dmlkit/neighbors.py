@@ -229,7 +229,7 @@ class _NeighborsBase(BaseEstimator):
                             name="knn-ivf-write")
         g = zarr.open_group(path, mode="r")
         Xi = data.as_matrix(g["X"])
-        center = centroids.mean(axis=0).astype(np.float32)
+        center = K.center_dtype(centroids.mean(axis=0))
         # the float32 copy that the search scans, computed from each block where it is
         # (and, cached, kept next to it)
         Ri = _graph.map_rows(Xi, IVF.prepared_rows, {"metric": self.metric, "center": center},

@@ -238,5 +238,9 @@ def test_tiles_take_whole_arrays_joined_inside_the_tile():
     assert_allclose(a, b)
     assert_allclose(a, 3 * (Q.sum(axis=1) + side.sum(axis=1)).compute() + X.sum().compute())
     assert not any("rechunk" in str(k) for k in joined[0].__dask_graph__())
+    # several whole arrays, each in row chunks of its own
+    other = da.from_array(rng.standard_normal(9), chunks=(2, 2, 3, 2))
+    (two,) = dask.compute(*_graph.tiles(X, [Q], _tile_sums, add_, whole=[side, other]))
+    assert_allclose(two, a + 3 * other.compute())
     with pytest.raises(ValueError, match="one block"):
         _graph.tiles(X, [Q.rechunk(3)], _tile_sums, add_, whole=[side])

@@ -67,6 +67,38 @@ def test_k_larger_than_a_chunk_and_k_equal_n(points):
     assert_array_equal(np.sort(i, axis=1), np.tile(np.arange(60), (len(Q), 1)))
 
 
+@pytest.mark.parametrize("scale", [1e-30, 1e20, 1e100])
+@pytest.mark.parametrize("algorithm", ["brute", "ivf"])
+# the quantizer's K-means on float32 squares past float32's range overflows, as
+# scikit-learn's does; IVF probing every list stays exact all the same
+@pytest.mark.filterwarnings("ignore:(overflow|invalid value) encountered:RuntimeWarning")
+def test_values_far_outside_float32_comfort_give_the_exact_neighbours(points, scale,
+                                                                       algorithm):
+    """Rows whose squares overflow (or underflow) float32 are scaled by a power of two
+    for the float32 comparisons; queries very far from the data take every row."""
+    X, Q = points
+    if scale == 1e20:  # float32 data: its squares overflow float32
+        X, Q = (X * scale).astype(np.float32), (Q * scale).astype(np.float32)
+    else:
+        X, Q = X * scale, Q * scale
+    # some queries far away from every row
+    Q = np.concatenate([Q, Q[:3] * (1e15 if Q.dtype == np.float32 else 1e25)])
+    kw = dict(algorithm=algorithm, n_lists=8, n_probe=8) if algorithm == "ivf" else {}
+    d, i = NearestNeighbors(7, **kw).fit(da.from_array(X, chunks=700)).kneighbors(Q)
+    sd, si = sk_nn(X.astype(np.float64), 7).kneighbors(Q.astype(np.float64))
+    assert_array_equal(i[:-3], si[:-3])
+    assert_allclose(d, sd, rtol=1e-6)
+    # the far queries: distances that differ in the last float64 digits (or not at all);
+    # every row was compared: the k smallest of dmlkit's exact float64 distances to all
+    # rows, ties to the lower index
+    from dmlkit._kernels.knn import exact_distances
+
+    for q, got in zip(Q[-3:], i[-3:]):
+        exact = exact_distances(np.broadcast_to(q, X.shape), X.astype(np.float64),
+                                "euclidean")
+        assert_array_equal(got, np.lexsort((np.arange(len(X)), exact))[:7])
+
+
 def test_duplicates_ties_go_to_the_lower_index():
     rng = np.random.default_rng(3)
     X = rng.integers(0, 3, size=(400, 2)).astype(np.float64)  # 9 distinct rows, many ties
@@ -293,6 +325,39 @@ def test_ivf_every_list_probed_equals_exact(clustered, tmp_path):
     (tmp_path / "other" / "file.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="is not an index written by dmlkit"):
         NearestNeighbors(algorithm="ivf", index_path=tmp_path / "other").fit(X)
+
+
+def test_ivf_probes_chosen_in_other_blocks_give_the_same_answer(clustered, monkeypatch):
+    """With more worker threads than query blocks, the probes are chosen in blocks of
+    their own: joined whole inside the tiles when the queries are one block, rechunked
+    to the queries' blocks otherwise. Every way gives the same bits."""
+    from dmlkit import _graph, data
+
+    X, Q = clustered
+    Q = np.concatenate([Q] * 10)  # 2,000 queries
+    monkeypatch.setattr(data, "_total_threads", lambda: 2)
+    ivf = NearestNeighbors(10, algorithm="ivf", n_lists=30, n_probe=4,
+                           random_state=0).fit(da.from_array(X, chunks=1000))
+    assert ivf._ivf["rows"].numblocks[0] == 2  # one block per thread
+    seen = []
+    tiles = _graph.tiles
+
+    def spy(X_, queries, *args, whole=(), **kw):
+        seen.append((queries[0].numblocks[0], len(whole),
+                     any("rechunk" in str(k) for k in queries[-1].__dask_graph__())))
+        return tiles(X_, queries, *args, whole=whole, **kw)
+
+    monkeypatch.setattr(_graph, "tiles", spy)
+    results = []
+    for threads in (1, 2, 64):
+        monkeypatch.setattr(data, "_total_threads", lambda: threads)
+        results.append(ivf.kneighbors(Q))
+    assert seen[0][1] == 0 and not seen[0][2]  # probes from the queries' own blocks
+    assert seen[1] == (1, 1, False)  # one query block: the probes joined whole
+    assert seen[2][0] > 1 and seen[2][1] == 0 and seen[2][2]  # rechunked to the queries'
+    for d, i in results[1:]:
+        assert_array_equal(i, results[0][1])
+        assert_array_equal(d, results[0][0])
 
 
 def test_ivf_temporary_index_is_removed(clustered):

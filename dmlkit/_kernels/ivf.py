@@ -22,7 +22,8 @@ import numpy as np
 
 from dmlkit._kernels.knn import (Neighbors, _as_float, _hits, _margin, _Prepared, _prune,
                                  _threshold32, empty_neighbors, normalize_rows, pair_distances,
-                                 prepare_rows, select)
+                                 prepare_rows, safe_norm, scaled_queries, select, SAFE_NORM,
+                                 center_dtype)
 
 
 
@@ -52,11 +53,19 @@ def nearest_lists(X: np.ndarray, centroids: np.ndarray, n: int,
     sort: cheaper); else all in no particular order.
     Scores ``||c||^2 - 2 x.c`` are computed in float32 in blocks of rows,
     relative to the centroids' mean (no cancellation for data far from the
-    origin); exactly equal scores may come in either order.
+    origin) and scaled by a power of two when the centroids spread beyond
+    the safe range (:func:`~dmlkit._kernels.knn.safe_norm`); in float64 for a
+    block with rows farther than that from the centroids. Of exactly equal
+    scores, the lower column is taken (and comes first).
     """
     X = _as_float(X)
     mean = centroids.mean(axis=0)
-    C = (centroids - mean).astype(np.float32)
+    C64 = centroids - mean
+    spread = float(np.abs(C64).max()) if C64.size else 0.0
+    factor = 1.0 if safe_norm(spread) else 2.0 ** -int(np.frexp(spread)[1])
+    if factor != 1.0:
+        C64 *= factor
+    C = C64.astype(np.float32)
     c2 = np.einsum("ij,ij->i", C, C)
     minus_2ct = np.ascontiguousarray(-2.0 * C.T)
     n_c = C.shape[0]
@@ -64,8 +73,15 @@ def nearest_lists(X: np.ndarray, centroids: np.ndarray, n: int,
     out = np.empty((X.shape[0], n), dtype=np.int32 if n_c < 2**31 else np.int64)
     step = max(64, (1 << 18) // max(n_c, 1))
     for s in range(0, X.shape[0], step):
-        scores = (X[s : s + step] - mean).astype(np.float32) @ minus_2ct
-        scores += c2
+        rows = X[s : s + step] - mean
+        if factor != 1.0:  # scaled as the centroids are
+            rows *= factor
+        if rows.size and np.abs(rows).max() > SAFE_NORM:  # far rows: float64 products
+            scores = rows @ (-2.0 * C64.T)
+            scores += np.einsum("ij,ij->i", C64, C64)
+        else:
+            scores = rows.astype(np.float32) @ minus_2ct
+            scores += c2
         if n == 1:
             out[s : s + step, 0] = scores.argmin(axis=1)
             continue
@@ -85,16 +101,19 @@ def nearest_lists(X: np.ndarray, centroids: np.ndarray, n: int,
 
 
 def _smallest(scores: np.ndarray, n: int) -> np.ndarray:
-    """Columns of the ``n`` smallest scores of each row, in no particular order.
+    """Columns of the ``n`` smallest scores of each row, in increasing column order.
 
-    A bound first: the columns are cut into :data:`SELECT_GROUP` strided groups
-    (column ``j`` of every block of ``g`` columns), and the ``n``-th smallest
-    of the groups' minima is at least the ``n``-th smallest score (``n``
-    distinct groups hold a score under it). Only the scores under the bound,
-    a few more than ``n`` per row, are then partitioned, in a padded
-    (rows, widest row) array: several times cheaper than partitioning every
-    score. Exactly equal scores at the ``n``-th place are taken in column
-    order. Rows too short for groups are partitioned whole.
+    A bound first: the ``m`` columns are cut into ``g = ceil(m / G)`` strided
+    groups of about ``G`` columns each (group ``j``: columns ``j, j + g, j +
+    2g, ...``; ``G`` is :data:`SELECT_GROUP`, or less for rows shorter than
+    ``2 G n``), and the ``n``-th smallest of the groups' minima is at least
+    the ``n``-th smallest score (``n`` distinct groups hold a score at or
+    under it). Only the scores at or under the bound, a few more than ``n``
+    per row, are then partitioned, in a padded (rows, widest row) array:
+    several times cheaper than partitioning every score. Of exactly equal
+    scores at the ``n``-th place, the lower columns are taken. Rows shorter
+    than ``4 n`` are partitioned whole, and so is every row when one has
+    fewer than ``n`` scores at or under its bound (NaN scores).
     """
     rows, m = scores.shape
     group = min(SELECT_GROUP, m // (2 * n))
@@ -108,6 +127,8 @@ def _smallest(scores: np.ndarray, n: int) -> np.ndarray:
     bound = np.partition(mins, n - 1, axis=1)[:, n - 1 : n]
     r, c = np.divmod(np.flatnonzero(scores <= bound), m)
     counts = np.bincount(r, minlength=rows)
+    if counts.min() < n:  # NaN among the scores
+        return _first_columns(scores, n)
     pos = np.arange(r.size) - (np.cumsum(counts) - counts)[r]
     vals = np.full((rows, int(counts.max())), np.inf, dtype=scores.dtype)
     vals[r, pos] = scores[r, c]
@@ -117,7 +138,10 @@ def _smallest(scores: np.ndarray, n: int) -> np.ndarray:
 
 
 def _first_columns(scores: np.ndarray, n: int) -> np.ndarray:
-    """:func:`_smallest` by partitioning every score."""
+    """:func:`_smallest` by partitioning every score (NaN ranks last)."""
+    nan = np.isnan(scores)
+    if nan.any():
+        scores = np.where(nan, np.inf, scores)
     return np.nonzero(_take_n(scores, n))[1].reshape(-1, n)
 
 
@@ -182,8 +206,10 @@ def prepare_block(X: np.ndarray, metric: str, center: np.ndarray | None = None) 
 
 
 def prepared_rows(X: np.ndarray, *, metric: str, center: np.ndarray) -> np.ndarray:
-    """Just the array of :func:`prepare_block` (a blockwise function)."""
-    return prepare_block(X, metric, center).rows
+    """Just the array of :func:`prepare_block`, never scaled (a blockwise function: the
+    index stores it; :func:`ivf_tile` prepares a block whose rows are not in the safe
+    range again, scaled)."""
+    return prepare_rows(_unit_or_float(X, metric), "euclidean", center, scale=1.0).rows
 
 
 def ivf_tile(rows: np.ndarray, offset: int, Q: np.ndarray, probes: np.ndarray, *,
@@ -193,8 +219,11 @@ def ivf_tile(rows: np.ndarray, offset: int, Q: np.ndarray, probes: np.ndarray, *
     The prepared rows can then be computed once, next to the block, and kept
     in memory with it.
     """
-    prepared = _Prepared(rows, np.asarray(center, dtype=np.float32),
-                         float(np.sqrt(rows[:, -1].max())) if rows.shape[0] else 0.0)
+    norm_max = float(np.sqrt(rows[:, -1].max())) if rows.shape[0] else 0.0
+    if safe_norm(norm_max):
+        prepared = _Prepared(rows, center_dtype(center), norm_max)
+    else:  # rows too far from the centre for float32 products (or all too near it): scaled
+        prepared = prepare_block(X, kwargs["metric"], center)
     return ivf_partial(X, offset, Q, probes, prepared=prepared, **kwargs)
 
 
@@ -252,11 +281,10 @@ def ivf_partial(
         return empty_neighbors(nq, k, None if y is None else y.dtype)
     n_lists, d = centroids.shape
     P = prepared if prepared is not None else prepare_block(X, metric)  # [x - c, ||x - c||^2]
-    Qc = Q - P.center
+    _, minus_2, qc2 = scaled_queries(Q, P)
     Qa = np.empty((nq, d + 1), dtype=np.float32)
-    Qa[:, :d] = -2.0 * Qc
+    Qa[:, :d] = minus_2
     Qa[:, d] = 1.0
-    qc2 = np.einsum("ij,ij->i", Qc, Qc, dtype=np.float64)
     margin = _margin(np.sqrt(qc2), P.norm_max, d)
     bounds = np.searchsorted(lists, np.arange(n_lists + 1)).tolist()
     hits = _Hits(qc2, margin, k, limit=max(PRUNE_EVERY * nq * k, MIN_PRUNE))

@@ -27,6 +27,14 @@ candidates' distances are then recomputed exactly, in float64 from the
 differences ``q - x``, and the ``k`` smallest kept, ties going to the lower
 row index. The margin bounds the float32 rounding of the proxy, so no row
 that belongs to the exact top-k is ever pruned (see :func:`_margin`).
+
+Data far from the float32 range's comfortable middle (rows farther than
+``2**40`` from their centre, whose squares would overflow float32 near
+``2**64``, or all within ``2**-40`` of it) are scaled by a power of two
+first, which changes no ranking and rounds nothing (:func:`prepare_rows`);
+a query far enough from a chunk's rows that its proxy could overflow
+(:data:`FAR`) takes every row of the chunk as a candidate, as its rounding
+margin would anyway.
 """
 from __future__ import annotations
 
@@ -49,6 +57,12 @@ QUERY_GROUP = 4096
 NO_INDEX = -1
 
 METRICS = ("euclidean", "sqeuclidean", "cosine")
+#: A chunk's rows are scaled (by a power of two) when their largest distance from the
+#: centre is outside [1 / SAFE_NORM, SAFE_NORM] (see :func:`prepare_rows`).
+SAFE_NORM = 2.0**40
+#: Queries farther than this from the (scaled) centre compare nothing in float32 (their
+#: products could overflow): every row is their candidate.
+FAR = 2.0**60
 
 
 class Neighbors(NamedTuple):
@@ -147,19 +161,42 @@ def _margin(q_norm: np.ndarray, x_norm_max: float, n_features: int) -> np.ndarra
 
 
 class _Prepared(NamedTuple):
-    """A data chunk ready for the float32 proxy: ``[x - c, ||x - c||^2]`` per row."""
+    """A data chunk ready for the float32 proxy: ``[s (x - c), s^2 ||x - c||^2]`` per row."""
 
     rows: np.ndarray  # (m, d + 1) float32
-    center: np.ndarray  # (d,) float32
-    norm_max: float
+    center: np.ndarray  # (d,) float32 (float64 if float32 cannot hold it)
+    norm_max: float  # max s ||x - c||
+    scale: float = 1.0  # s, a power of two
 
 
-def prepare_rows(X: np.ndarray, metric: str, center: np.ndarray | None = None) -> _Prepared:
+def safe_norm(norm_max: float) -> bool:
+    """Whether rows at most ``norm_max`` from their centre need no scaling."""
+    return norm_max == 0.0 or 1.0 / SAFE_NORM <= norm_max <= SAFE_NORM
+
+
+def center_dtype(center: np.ndarray) -> np.ndarray:
+    """A centre in float32, or in float64 where float32 cannot hold it."""
+    center = np.asarray(center, dtype=np.float64)
+    fits = center.size == 0 or np.abs(center).max() < np.finfo(np.float32).max / 4
+    return center.astype(np.float32) if fits else center
+
+
+def center_of(X: np.ndarray) -> np.ndarray:
+    """The mean row of a chunk, as :func:`center_dtype` keeps it."""
+    return center_dtype(X.mean(axis=0, dtype=np.float64) if X.shape[0] else
+                        np.zeros(X.shape[1]))
+
+
+def prepare_rows(X: np.ndarray, metric: str, center: np.ndarray | None = None,
+                 scale: float | None = None) -> _Prepared:
     """The augmented float32 copy of a chunk (one copy, one pass).
 
     ``X`` is float (already normalised for "cosine", where the centre is 0
     and the norm column 1, so the proxy is ``1 - 2 cos`` even for zero rows).
-    ``center`` defaults to the chunk's mean.
+    ``center`` defaults to the chunk's mean. The rows are scaled by
+    ``scale``, by default 1 unless their largest distance from the centre is
+    outside the safe range (:func:`safe_norm`): then by the power of two
+    that brings it into [0.5, 1) (a second pass, in float64).
     """
     m, d = X.shape
     rows = np.empty((m, d + 1), dtype=np.float32)
@@ -167,19 +204,46 @@ def prepare_rows(X: np.ndarray, metric: str, center: np.ndarray | None = None) -
         rows[:, :d] = X
         rows[:, d] = 1.0
         return _Prepared(rows, np.zeros(d, np.float32), 1.0)
-    if center is not None:
-        center = np.asarray(center, dtype=np.float32)
-    else:
-        center = (X.mean(axis=0, dtype=np.float64) if m else np.zeros(d)).astype(np.float32)
-    np.subtract(X, center, out=rows[:, :d], casting="unsafe")
-    sq = np.einsum("ij,ij->i", rows[:, :d], rows[:, :d], dtype=np.float64)
-    rows[:, d] = sq
-    return _Prepared(rows, center, float(np.sqrt(sq.max())) if m else 0.0)
+    center = center_of(X) if center is None else center_dtype(center)
+    if scale is None or scale == 1.0:
+        with np.errstate(over="ignore", invalid="ignore"):  # checked below
+            np.subtract(X, center, out=rows[:, :d], casting="unsafe")
+            sq = np.einsum("ij,ij->i", rows[:, :d], rows[:, :d], dtype=np.float64)
+        norm_max = float(np.sqrt(sq.max())) if m else 0.0
+        if scale is not None or safe_norm(norm_max):
+            with np.errstate(over="ignore"):  # inf: ivf_tile prepares such rows again
+                rows[:, d] = sq
+            return _Prepared(rows, center, norm_max)
+    diff = np.subtract(X, center, dtype=np.float64)
+    sq = np.einsum("ij,ij->i", diff, diff)
+    if scale is None:
+        scale = 2.0 ** -int(np.frexp(np.sqrt(sq.max()))[1]) if sq.max() > 0 else 1.0
+    rows[:, :d] = diff * scale
+    rows[:, d] = sq * scale**2
+    return _Prepared(rows, center, float(np.sqrt(sq.max())) * scale if m else 0.0, scale)
+
+
+def scaled_queries(Q: np.ndarray, P: _Prepared) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Queries against a prepared chunk: ``s (q - c)`` (float64), its float32 products'
+    side ``-2 s (q - c)`` (rows of zeros for queries farther than :data:`FAR`, which
+    then compare only the rows' norms: their margin lets every row through) and
+    ``s^2 ||q - c||^2``."""
+    Qc = Q - P.center
+    if P.scale != 1.0:
+        Qc *= P.scale
+    qc2 = np.einsum("ij,ij->i", Qc, Qc, dtype=np.float64)
+    minus_2 = -2.0 * Qc
+    far = qc2 > FAR**2
+    if far.any():
+        minus_2[far] = 0.0
+    return Qc, minus_2, qc2
 
 
 def _sortable_up(s: np.ndarray) -> np.ndarray:
-    """``s`` rounded up to float32, as uint64 integers that sort like the values."""
-    s32 = s.astype(np.float32)
+    """``s`` rounded up to float32 (beyond its range: inf), as uint64 integers that sort
+    like the values."""
+    with np.errstate(over="ignore"):
+        s32 = s.astype(np.float32)
     up = s32 < s
     s32[up] = np.nextafter(s32[up], np.float32(np.inf))
     # in place (few large temporaries): negative values get all bits flipped, the others
@@ -410,12 +474,11 @@ def brute_partial(
     P = prepare_rows(X, metric)
     for g0 in range(0, nq, QUERY_GROUP):
         Qg = Q[g0 : g0 + QUERY_GROUP]
-        Qc = Qg - P.center if metric != "cosine" else Qg
+        _, minus_2, qc2 = scaled_queries(Qg, P)
         QT = np.empty((d + 1, Qg.shape[0]), dtype=np.float32)
-        QT[:d] = (-2.0 * Qc).T
+        QT[:d] = minus_2.T
         QT[d] = 1.0
-        q_norm = np.sqrt(np.einsum("ij,ij->i", Qc, Qc, dtype=np.float64))
-        q, r = candidates(P, QT, k, _margin(q_norm, P.norm_max, d))
+        q, r = candidates(P, QT, k, _margin(np.sqrt(qc2), P.norm_max, d))
         dist = pair_distances(Qg, q, X, r, metric)
         part = select(q, dist, r + offset, Qg.shape[0], k, None if y is None else y[r])
         for full, piece in zip(out, part):
