@@ -5,6 +5,7 @@
     python -m benchmarks logreg [--rows N] [--classes K] ...
     python -m benchmarks sgd [--rows N] [--epochs E] ...
     python -m benchmarks knn [--rows N] [--queries Q] [--n-probe P ...] ...
+    python -m benchmarks floor [--chunks N]
 """
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ import argparse
 import json
 from pathlib import Path
 
-from benchmarks import kmeans, knn, logreg, outofcore, sgd
+from benchmarks import floor, kmeans, knn, logreg, outofcore, sgd
 
 BENCHMARKS = {"kmeans": kmeans, "outofcore": outofcore, "logreg": logreg, "sgd": sgd,
-              "knn": knn}
+              "knn": knn, "floor": floor}
 
 
 def main(argv=None) -> None:

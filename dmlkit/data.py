@@ -534,18 +534,25 @@ def persist_placed(arrays: Sequence[da.Array | None], client) -> list[da.Array |
     # where the scheduler's work stealing could move it away from X's block
     for addr in sorted(set(where)):
         mine = [i for i in range(n_blocks) if where[i] == addr]
-        for arrays_, priority in ((range(1, len(live)), 1), ((0,), 0)):
-            todo = [(j, i) for j in arrays_ if sources[j] is not None for i in mine]
+        every = [(j, i) for j in range(len(live)) if sources[j] is not None for i in mine]
+        if not every:
+            continue
+        whole, merged = {}, set()  # one graph for both calls: one definition per key
+        for j, i in every:
+            part = sources[j][i].__dask_graph__()
+            if id(part) not in merged:
+                merged.add(id(part))
+                whole.update(part)
+        first = [(j, i) for j, i in every if j > 0]
+        if first:  # X's blocks that the vectors' blocks need go with them
+            _, deps = cull(whole, [sources[j][i].key for j, i in first])
+            first += [(j, i) for j, i in every if j == 0 and sources[j][i].key in deps]
+        rest = [t for t in every if t not in first]
+        for todo, priority in ((first, 1), (rest, 0)):
             if not todo:
                 continue
-            graph, merged = {}, set()
-            for j, i in todo:
-                part = sources[j][i].__dask_graph__()
-                if id(part) not in merged:
-                    merged.add(id(part))
-                    graph.update(part)
             wanted = [sources[j][i].key for j, i in todo]
-            graph, _ = cull(graph, wanted)  # only what this worker's blocks need
+            graph, _ = cull(whole, wanted)
             done = client.persist([Delayed(key, graph) for key in wanted], workers=[addr],
                                   allow_other_workers=True, optimize_graph=False,
                                   priority=priority)

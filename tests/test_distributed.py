@@ -202,6 +202,26 @@ def test_cached_blocks_are_spread_evenly_next_to_their_rows(client, store):
     assert_array_equal(yc.compute(), np.arange(X.shape[0]))
 
 
+def test_a_y_computed_from_X_is_placed_with_one_definition_of_each_block(client):
+    """y built from X's blocks (used twice: not fused away) is persisted before X, with
+    X's blocks it needs; every key reaches the scheduler with one definition."""
+    from distributed import futures_of, wait
+
+    from dmlkit import data
+
+    base = np.random.default_rng(0).standard_normal((4000, 5))
+    X = da.from_array(base, chunks=500).map_blocks(np.negative, dtype=float)
+    y = X[:, 0] + X[:, 1] * X[:, 2]
+    Xp, yp = data.persist_placed([X, y], client)
+    wait(futures_of(Xp) + futures_of(yp))
+    logs = client.get_scheduler_logs(n=10_000)
+    assert not [m for _, m in logs if "run_spec" in m and X.name in m]
+    holders = client.who_has(futures_of(Xp) + futures_of(yp))
+    assert all(holders[(Xp.name, i, 0)] == holders[(yp.name, i)] for i in range(8))
+    assert_array_equal(yp.compute(), -base[:, 0] + base[:, 1] * base[:, 2])
+    assert_array_equal(Xp.compute(), -base)
+
+
 def test_a_persisted_X_stays_put_so_does_a_persisted_y_and_a_computed_one_joins_it(client,
                                                                                      store):
     from distributed import futures_of, wait

@@ -67,22 +67,22 @@ def test_k_larger_than_a_chunk_and_k_equal_n(points):
     assert_array_equal(np.sort(i, axis=1), np.tile(np.arange(60), (len(Q), 1)))
 
 
-@pytest.mark.parametrize("scale", [1e-30, 1e20, 1e100])
+@pytest.mark.parametrize("scale, dtype", [(1e-30, np.float64), (1e-20, np.float32),
+                                          (1e20, np.float32), (1e100, np.float64)])
 @pytest.mark.parametrize("algorithm", ["brute", "ivf"])
 # the quantizer's K-means on float32 squares past float32's range overflows, as
 # scikit-learn's does; IVF probing every list stays exact all the same
-@pytest.mark.filterwarnings("ignore:(overflow|invalid value) encountered:RuntimeWarning")
-def test_values_far_outside_float32_comfort_give_the_exact_neighbours(points, scale,
+@pytest.mark.filterwarnings("ignore::RuntimeWarning:dmlkit._kernels.kmeans")
+def test_values_far_outside_float32_comfort_give_the_exact_neighbours(points, scale, dtype,
                                                                        algorithm):
     """Rows whose squares overflow (or underflow) float32 are scaled by a power of two
     for the float32 comparisons; queries very far from the data take every row."""
-    X, Q = points
-    if scale == 1e20:  # float32 data: its squares overflow float32
-        X, Q = (X * scale).astype(np.float32), (Q * scale).astype(np.float32)
-    else:
-        X, Q = X * scale, Q * scale
-    # some queries far away from every row
-    Q = np.concatenate([Q, Q[:3] * (1e15 if Q.dtype == np.float32 else 1e25)])
+    X, Q = ((a * scale).astype(dtype) for a in points)
+    # some queries far away from every row: 1e40 times the data's spread makes float32
+    # products with the scaled rows overflow (where the dtype holds such queries)
+    far = [1e25, 1e40, 1e40] if dtype == np.float64 else (
+        [1e15, 1e40, 1e40] if scale < 1 else [1e15, 1e15, 1e15])
+    Q = np.concatenate([Q, (Q[:3] * np.array(far)[:, None]).astype(dtype)])
     kw = dict(algorithm=algorithm, n_lists=8, n_probe=8) if algorithm == "ivf" else {}
     d, i = NearestNeighbors(7, **kw).fit(da.from_array(X, chunks=700)).kneighbors(Q)
     sd, si = sk_nn(X.astype(np.float64), 7).kneighbors(Q.astype(np.float64))

@@ -76,7 +76,7 @@ def nearest_lists(X: np.ndarray, centroids: np.ndarray, n: int,
         rows = X[s : s + step] - mean
         if factor != 1.0:  # scaled as the centroids are
             rows *= factor
-        if rows.size and np.abs(rows).max() > SAFE_NORM:  # far rows: float64 products
+        if rows.size and max(rows.max(), -rows.min()) > SAFE_NORM:  # far rows: float64
             scores = rows @ (-2.0 * C64.T)
             scores += np.einsum("ij,ij->i", C64, C64)
         else:
@@ -197,10 +197,13 @@ def _group(lists_of_pairs: np.ndarray, n_lists: int):
 
 
 def prepare_block(X: np.ndarray, metric: str, center: np.ndarray | None = None) -> _Prepared:
-    """An index block as :func:`ivf_partial` scans it: ``[x - c, ||x - c||^2]`` in float32.
+    """An index block as :func:`ivf_partial` scans it: ``[s (x - c), s^2 ||x - c||^2]`` in
+    float32.
 
     ``c`` is ``center`` (the same for every block, e.g. the mean of the
     centroids), else the block's mean; rows are normalised first for "cosine".
+    ``s`` is 1, or a power of two for rows outside float32's safe range
+    (:func:`~dmlkit._kernels.knn.prepare_rows`).
     """
     return prepare_rows(_unit_or_float(X, metric), "euclidean", center)
 
@@ -252,8 +255,8 @@ def ivf_partial(
     y : ndarray of shape (m,), optional
         Targets carried along as ``values``.
     prepared : optional
-        :func:`prepare_block` of ``X``, when stored with the index (else
-        computed here: one pass over the block).
+        :func:`prepare_block` of ``X`` (its scale included), when stored with
+        the index (else computed here: one pass over the block).
 
     Returns
     -------
@@ -310,13 +313,14 @@ class _Hits:
     (and the scores turned into ``||q - x||^2``) only when pruning, for all
     products at once. ``threshold`` is on ``||q - x||^2`` and ``t32`` the
     float32 bound on the proxy ``||x - c||^2 - 2 (q - c).(x - c)`` that the
-    products are compared with.
+    products are compared with, both in the block's scaled units (``s^2``
+    times: see :func:`prepare_block`); ``qc2`` is ``s^2 ||q - c||^2``.
     """
 
     def __init__(self, qc2, margin, k, limit):
         self.qc2, self.margin, self.k, self.limit = qc2, margin, k, limit
         self.threshold = np.full(qc2.size, np.inf)
-        self.t32 = _threshold32(self.threshold - qc2)
+        self.t32 = np.full(qc2.size, np.float32(np.inf))
         self.kept = (np.empty(0, np.int64), np.empty(0), np.empty(0, np.int64))
         self.q, self.s, self.r = [], [], []  # added since the last prune
         self.pending = 0
@@ -348,7 +352,9 @@ class _Hits:
 
     def set_threshold(self, queries, threshold):
         self.threshold[queries] = threshold
-        self.t32[queries] = _threshold32(threshold - self.qc2[queries])
+        with np.errstate(invalid="ignore"):
+            t = threshold - self.qc2[queries]
+        self.t32[queries] = _threshold32(np.where(np.isnan(t), np.inf, t))  # qc2 = inf
 
 
 def _lists_to_scan(bounds, starts) -> list:

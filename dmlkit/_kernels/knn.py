@@ -189,7 +189,7 @@ def center_of(X: np.ndarray) -> np.ndarray:
 
 def prepare_rows(X: np.ndarray, metric: str, center: np.ndarray | None = None,
                  scale: float | None = None) -> _Prepared:
-    """The augmented float32 copy of a chunk (one copy, one pass).
+    """The augmented float32 copy of a chunk (one copy, one pass; two where it is scaled).
 
     ``X`` is float (already normalised for "cosine", where the centre is 0
     and the norm column 1, so the proxy is ``1 - 2 cos`` even for zero rows).
@@ -218,7 +218,8 @@ def prepare_rows(X: np.ndarray, metric: str, center: np.ndarray | None = None,
     sq = np.einsum("ij,ij->i", diff, diff)
     if scale is None:
         scale = 2.0 ** -int(np.frexp(np.sqrt(sq.max()))[1]) if sq.max() > 0 else 1.0
-    rows[:, :d] = diff * scale
+    diff *= scale
+    rows[:, :d] = diff
     rows[:, d] = sq * scale**2
     return _Prepared(rows, center, float(np.sqrt(sq.max())) * scale if m else 0.0, scale)
 
@@ -228,7 +229,7 @@ def scaled_queries(Q: np.ndarray, P: _Prepared) -> tuple[np.ndarray, np.ndarray,
     side ``-2 s (q - c)`` (rows of zeros for queries farther than :data:`FAR`, which
     then compare only the rows' norms: their margin lets every row through) and
     ``s^2 ||q - c||^2``."""
-    Qc = Q - P.center
+    Qc = np.subtract(Q, P.center, dtype=np.float64)
     if P.scale != 1.0:
         Qc *= P.scale
     qc2 = np.einsum("ij,ij->i", Qc, Qc, dtype=np.float64)
@@ -287,7 +288,8 @@ def _prune(q, s, r, k: int, margin: np.ndarray, n_queries: int):
 
 def _threshold32(threshold: np.ndarray) -> np.ndarray:
     """float32 thresholds, rounded up: ``proxy32 <= t32`` whenever ``proxy32 <= t``."""
-    t32 = threshold.astype(np.float32)
+    with np.errstate(over="ignore"):
+        t32 = threshold.astype(np.float32)
     return np.where(t32 < threshold, np.nextafter(t32, np.float32(np.inf)), t32)
 
 
