@@ -1,16 +1,16 @@
-"""Per-chunk CPU cost of reading X from the store and of each pass's kernel, in one thread.
+"""A streamed pass without Dask: each core reads its chunks from the store and runs the kernel.
 
-A streamed pass reads every chunk from the store and runs the kernel on it,
-both on the same worker thread. With every core busy it therefore takes at
-least a raw read (the same reads, in the same tasks) plus the kernel's time
-for the chunks of one worker thread: ``1 + kernel x chunks per thread / raw
-read`` times a raw read, whatever the scheduling. This measures the kernels
-(and the reads) on the stores of the ``kmeans`` and ``logreg`` benchmarks
-(generated here with the same arguments when missing): CPU time
-(``time.process_time``), one thread for BLAS, best of ``--repeat`` per
-chunk, median over the first ``--chunks`` chunks; no Dask. The raw read's
-wall time and the measured streamed ratio come from those benchmarks'
-results (``results/kmeans.json``, ``results/logreg.json``), when present.
+A streamed pass reads every chunk of X from the store and runs the kernel on
+it, both on the worker thread that holds the chunk's task. This does the same
+work with no scheduler at all: ``--workers`` processes (one per core), each
+reading its share of the chunks of the ``kmeans`` and ``logreg`` benchmarks'
+stores (generated here with the same arguments when missing) and running a
+kernel on each chunk just read, all processes at once (a barrier starts every
+round), one thread for BLAS. A round reading only is the raw read; the ratio
+of a round with a kernel to it is what the kernel costs on top of the reads
+when every core is busy, with Dask's share of a pass left out. Best of
+``--repeat`` rounds each; the table puts the ratio next to the one the last
+``kmeans`` and ``logreg`` runs measured through Dask (``results/*.json``).
 
     python -m benchmarks floor
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import time
 from pathlib import Path
 
@@ -25,23 +26,55 @@ import numpy as np
 
 from benchmarks._common import machine, markdown_table
 
+#: What each round does to every chunk it reads: store, kernel.
+MODES = {"read": ("blobs", None), "lloyd": ("blobs", "lloyd"),
+         "read_classification": ("classification", None),
+         "newton": ("classification", "newton"), "gradient": ("classification", "gradient")}
 
-def _cpu_ms(fn, repeat: int) -> float:
-    fn()  # warm: first-touch page faults and caches
-    best = np.inf
-    for _ in range(repeat):
-        t0 = time.process_time()
-        fn()
-        best = min(best, time.process_time() - t0)
-    return 1e3 * best
+
+def _worker(rank: int, args: dict, barrier, out) -> None:
+    """One core's share of every round: the chunks ``rank, rank + workers, ...``."""
+    from threadpoolctl import threadpool_limits
+    import zarr
+
+    from dmlkit._kernels.glm import glm_partial
+    from dmlkit._kernels.kmeans import lloyd_partial
+
+    stores = {name: zarr.open_group(path, mode="r") for name, path in args["stores"].items()}
+    centers, theta, every = (np.asarray(args["centers"]), np.asarray(args["theta"]),
+                             args["hessian_every"])
+    X0 = stores["blobs"]["X"]
+    rows, n = X0.chunks[0], X0.shape[0]
+    mine = range(rank, -(-n // rows), args["workers"])
+    y = {c: np.asarray(stores["classification"]["y"][c * rows:(c + 1) * rows]).astype(np.int64)
+         for c in mine}  # y stays in memory while X streams, as in dmlkit's fits
+
+    def kernel(name, X, c):
+        if name == "lloyd":
+            return lloyd_partial(X, None, c * rows, centers)
+        return glm_partial(X, None, c * rows, y=y[c], theta=theta, family="binomial",
+                           fit_intercept=True, hessian=name == "newton", hessian_every=every)
+
+    times = {}
+    with threadpool_limits(limits=1):
+        for mode, (store, name) in MODES.items():
+            X = stores[store]["X"]
+            best = np.inf
+            for _ in range(args["repeat"] + 1):  # the first round warms up
+                barrier.wait()
+                t0 = time.perf_counter()
+                for c in mine:
+                    block = X[c * rows:(c + 1) * rows]
+                    if name is not None:
+                        kernel(name, block, c)
+                best = min(best, time.perf_counter() - t0)
+            times[mode] = best
+    out.put((rank, times))
 
 
 def run(args: argparse.Namespace) -> dict:
     import zarr
-    from threadpoolctl import threadpool_limits
 
-    from dmlkit._kernels.glm import glm_partial
-    from dmlkit._kernels.kmeans import lloyd_partial
     from dmlkit.datasets import make_blobs, make_classification
     from dmlkit.linear_model import hessian_every
 
@@ -57,87 +90,78 @@ def run(args: argparse.Namespace) -> dict:
         make_classification(str(classif), args.rows, args.features, n_classes=2,
                             chunk_rows=args.chunk_rows, random_state=0)
     Xb = zarr.open_group(str(blobs), mode="r")["X"]
-    group = zarr.open_group(str(classif), mode="r")
-    Xc, yc = group["X"], group["y"]
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(1)  # the kmeans benchmark's initial centres
     centers = np.asarray(Xb[np.sort(rng.choice(Xb.shape[0], args.k, replace=False))],
                          dtype=np.float64)
     p = args.features + 1
-    every = hessian_every("binomial", Xc.shape[0], p)
-    theta = np.random.default_rng(0).standard_normal(p) * 0.1
-    rows = Xb.chunks[0]
-    per_chunk: dict[str, list[float]] = {k: [] for k in (
-        "read_blobs", "lloyd", "read_classification", "newton", "gradient")}
-    with threadpool_limits(limits=1):
-        for c in range(min(args.chunks, -(-Xb.shape[0] // rows))):
-            s, e = c * rows, min((c + 1) * rows, Xb.shape[0])
-            per_chunk["read_blobs"].append(_cpu_ms(lambda: Xb[s:e], args.repeat))
-            X = Xb[s:e]
-            per_chunk["lloyd"].append(
-                _cpu_ms(lambda: lloyd_partial(X, None, s, centers), args.repeat))
-            per_chunk["read_classification"].append(_cpu_ms(lambda: Xc[s:e], args.repeat))
-            X, y = Xc[s:e], np.asarray(yc[s:e]).astype(np.int64)
-            common = dict(y=y, theta=theta, family="binomial", fit_intercept=True)
-            per_chunk["newton"].append(_cpu_ms(
-                lambda: glm_partial(X, None, s, hessian=True, hessian_every=every, **common),
-                args.repeat))
-            per_chunk["gradient"].append(
-                _cpu_ms(lambda: glm_partial(X, None, s, **common), args.repeat))
-            print(f"  chunk {c}: " + ", ".join(f"{k} {v[-1]:.2f} ms"
-                                               for k, v in per_chunk.items()), flush=True)
-    med = {k: float(np.median(v)) for k, v in per_chunk.items()}
-    results = {"config": {**vars(args), "chunk_rows": int(rows), "hessian_every": every},
-               "machine": machine(), "per_chunk_ms": per_chunk, "median_ms": med}
-    # the raw read and the streamed ratio the end-to-end benchmarks measured
-    results_dir = Path(args.results)
-    passes = {}
-    for name, kernels, key in (("kmeans", ("lloyd",), "streaming_iter_vs_raw_read"),
-                               ("logreg", ("newton", "gradient"), "streaming_pass_vs_raw_read")):
-        f = results_dir / f"{name}.json"
-        if not f.exists():
-            continue
-        done = json.loads(f.read_text())
-        cfg = done["config"]
-        per_thread = -(-(-(-cfg["rows"] // cfg["chunk_rows"])) // cfg["workers"])
-        for kernel in kernels:
-            passes[kernel] = {
-                "raw_read_seconds": done["raw_read_seconds"], "chunks_per_thread": per_thread,
-                "floor": 1 + 1e-3 * med[kernel] * per_thread / done["raw_read_seconds"],
-                "measured": done.get("summary", {}).get(key) if kernel != "gradient" else None}
-    results["passes"] = passes
+    shared = {"stores": {"blobs": str(blobs), "classification": str(classif)},
+              "centers": centers.tolist(),
+              "theta": (np.random.default_rng(0).standard_normal(p) * 0.1).tolist(),
+              "hessian_every": hessian_every("binomial", args.rows, p),
+              "workers": args.workers, "repeat": args.repeat}
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(args.workers), ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(r, shared, barrier, out))
+             for r in range(args.workers)]
+    for proc in procs:
+        proc.start()
+    per_worker = dict(out.get() for _ in procs)
+    for proc in procs:
+        proc.join()
+    # a pass ends when its slowest core does
+    wall = {mode: max(t[mode] for t in per_worker.values()) for mode in MODES}
+    chunks = -(-args.rows // int(Xb.chunks[0]))
+    results = {"config": {**vars(args), "chunk_rows": int(Xb.chunks[0]), "chunks": chunks,
+                          "hessian_every": shared["hessian_every"]},
+               "machine": machine(), "pass_seconds": wall,
+               "per_worker_seconds": {str(k): v for k, v in per_worker.items()},
+               "ratio": {"lloyd": wall["lloyd"] / wall["read"],
+                         "newton": wall["newton"] / wall["read_classification"],
+                         "gradient": wall["gradient"] / wall["read_classification"]}}
+    measured = {}
+    for name, key, kernel in (("kmeans", "streaming_iter_vs_raw_read", "lloyd"),
+                              ("logreg", "streaming_pass_vs_raw_read", "newton")):
+        f = Path(args.results) / f"{name}.json"
+        if f.exists():
+            value = json.loads(f.read_text()).get("summary", {}).get(key)
+            if value is not None:
+                measured[kernel] = value
+    results["measured_through_dask"] = measured
+    for mode, secs in wall.items():
+        print(f"  {mode:<20s} {1e3 * secs:7.1f} ms a pass", flush=True)
     return results
 
 
 def report(results: dict) -> str:
-    cfg, m, med = results["config"], results["machine"], results["median_ms"]
-    names = {"lloyd": ("K-means Lloyd step (k=%d)" % cfg["k"], "read_blobs"),
-             "newton": (f"logistic Newton pass (Hessian from 1 row in {cfg['hessian_every']})",
-                        "read_classification"),
-             "gradient": ("logistic loss and gradient (an L-BFGS or gd pass)",
-                          "read_classification")}
+    cfg, m, wall, ratio = (results["config"], results["machine"], results["pass_seconds"],
+                           results["ratio"])
+    measured = results.get("measured_through_dask", {})
     rows = []
-    for kernel, (label, read) in names.items():
-        p = results.get("passes", {}).get(kernel)
-        rows.append([label, f"{med[read]:.2f}", f"{med[kernel]:.2f}"] + (
-            ["", "", "", ""] if p is None else
-            [str(p["chunks_per_thread"]), f"{1e3 * p['raw_read_seconds']:.0f}",
-             f"{p['floor']:.2f}x", "" if p["measured"] is None else f"{p['measured']:.2f}x"]))
-    lines = [f"Per-chunk CPU cost of a pass: chunks of {cfg['chunk_rows']:,} x "
-             f"{cfg['features']} float32 ({cfg['chunk_rows'] * cfg['features'] * 4 / 1e6:.0f} "
-             f"MB) of the `kmeans` and `logreg` benchmarks' stores, one thread, best of "
-             f"{cfg['repeat']} per chunk, median of {cfg['chunks']} chunks; {m['cpu']}, "
-             f"{m['cores']} cores; numpy {m['numpy']}.",
+    for kernel, label, read in (
+            ("lloyd", f"K-means Lloyd step (k={cfg['k']})", "read"),
+            ("newton", f"logistic Newton pass (Hessian from 1 row in {cfg['hessian_every']})",
+             "read_classification"),
+            ("gradient", "logistic loss and gradient (an L-BFGS or gd pass)",
+             "read_classification")):
+        per_chunk = 1e3 * (wall[kernel] - wall[read]) * cfg["workers"] / cfg["chunks"]
+        rows.append([label, f"{1e3 * wall[read]:.0f}", f"{1e3 * wall[kernel]:.0f}",
+                     f"{per_chunk:.1f}", f"{ratio[kernel]:.2f}x",
+                     f"{measured[kernel]:.2f}x" if kernel in measured else ""])
+    lines = [f"A streamed pass without Dask: {cfg['rows']:,} x {cfg['features']} float32 in "
+             f"{cfg['chunks']} chunks of {cfg['chunk_rows']:,} rows, read from the `kmeans` and "
+             f"`logreg` benchmarks' stores by {cfg['workers']} processes at once (one thread "
+             f"each), best of {cfg['repeat']} rounds; {m['cpu']}, {m['cores']} cores; numpy "
+             f"{m['numpy']}.",
              "",
-             markdown_table(["pass", "read a chunk (ms CPU)", "kernel (ms CPU)",
-                             "chunks per worker thread", "raw read (ms, measured)",
-                             "least streamed pass / raw read", "measured"], rows),
+             markdown_table(["pass", "read only (ms)", "read and kernel (ms)",
+                             "kernel per chunk (ms)", "pass / read, no Dask",
+                             "streamed pass / raw read through Dask (last run)"], rows),
              "",
-             "- read: the chunk sliced from the Zarr array (page-cached, uncompressed bytes "
-             "copied out); kernel: the function the pass maps over a chunk.",
-             "- least: 1 + kernel x chunks per thread / raw read: a streamed pass does the raw "
-             "read's work plus the kernel's on the same threads. The raw read (wall time of "
-             "one pass of the reads alone) and the measured ratio are those of the last "
-             "`kmeans` and `logreg` runs, on the same machine but not at the same moment."]
+             "- a pass's time is its slowest process's; the kernel runs on each chunk just "
+             "read (page-cached, uncompressed bytes copied out of the store), `y` held in "
+             "memory as dmlkit's fits hold it while X streams.",
+             "- the last column comes from `results/kmeans.json` and `results/logreg.json`: "
+             "the same machine, not the same moment."]
     return "\n".join(lines) + "\n"
 
 
@@ -146,6 +170,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--features", type=int, default=32)
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--chunk-rows", type=int, default=125_000)
-    p.add_argument("--chunks", type=int, default=4, help="chunks measured (the first ones)")
+    p.add_argument("--workers", type=int, default=2)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--data", default="data")
