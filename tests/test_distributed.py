@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from contextlib import contextmanager
 
 import dask
 import dask.array as da
@@ -182,6 +183,27 @@ def test_sgd_on_the_cluster_equals_the_sync_fit(client, store, mode):
     assert ours.t_ == ref.t_
 
 
+async def _stealing(dask_scheduler, on: bool) -> bool:
+    ext = dask_scheduler.extensions.get("stealing")
+    if ext is None:
+        return False
+    await (ext.start() if on else ext.stop())
+    return True
+
+
+@contextmanager
+def placement_as_asked(client):
+    """The scheduler's work stealing paused: it may move a block still queued to an idle
+    worker (the passes tolerate that: placement is a preference); these tests check the
+    placement dmlkit asks for."""
+    paused = client.run_on_scheduler(_stealing, on=False)
+    try:
+        yield
+    finally:
+        if paused:
+            client.run_on_scheduler(_stealing, on=True)
+
+
 def test_cached_blocks_are_spread_evenly_next_to_their_rows(client, store):
     from distributed import futures_of, wait
 
@@ -190,9 +212,10 @@ def test_cached_blocks_are_spread_evenly_next_to_their_rows(client, store):
     X, path = store
     Xd = data.as_matrix(path)
     yd = da.arange(X.shape[0], chunks=Xd.chunks[0]).astype(np.float64)
-    Xc, (yc, none), cached = data.cache(Xd, [yd, None], True, path)
-    assert cached and none is None and Xc.numblocks[0] == 2  # one block per worker thread
-    wait(futures_of(Xc) + futures_of(yc))
+    with placement_as_asked(client):
+        Xc, (yc, none), cached = data.cache(Xd, [yd, None], True, path)
+        assert cached and none is None and Xc.numblocks[0] == 2  # one block per thread
+        wait(futures_of(Xc) + futures_of(yc))
     holders = client.who_has(futures_of(Xc) + futures_of(yc))
     x_at = [holders[(Xc.name, i, 0)] for i in range(Xc.numblocks[0])]
     y_at = [holders[(yc.name, i)] for i in range(yc.numblocks[0])]
@@ -212,8 +235,9 @@ def test_a_y_computed_from_X_is_placed_with_one_definition_of_each_block(client)
     base = np.random.default_rng(0).standard_normal((4000, 5))
     X = da.from_array(base, chunks=500).map_blocks(np.negative, dtype=float)
     y = X[:, 0] + X[:, 1] * X[:, 2]
-    Xp, yp = data.persist_placed([X, y], client)
-    wait(futures_of(Xp) + futures_of(yp))
+    with placement_as_asked(client):
+        Xp, yp = data.persist_placed([X, y], client)
+        wait(futures_of(Xp) + futures_of(yp))
     logs = client.get_scheduler_logs(n=10_000)
     assert not [m for _, m in logs if "run_spec" in m and X.name in m]
     holders = client.who_has(futures_of(Xp) + futures_of(yp))
@@ -235,8 +259,9 @@ def test_a_persisted_X_stays_put_so_does_a_persisted_y_and_a_computed_one_joins_
     Xp = client.persist(Xd, workers=workers[:1])
     yp = client.persist(yd, workers=workers[1:])  # y on the other worker
     wait([Xp, yp])
-    Xc, (yc, zc), _ = data.cache(Xp, [yp, yp + 1.0], True, Xp, block_rows=X.shape[0])
-    wait(futures_of(Xc) + futures_of(yc) + futures_of(zc))
+    with placement_as_asked(client):
+        Xc, (yc, zc), _ = data.cache(Xp, [yp, yp + 1.0], True, Xp, block_rows=X.shape[0])
+        wait(futures_of(Xc) + futures_of(yc) + futures_of(zc))
     holders = client.who_has(futures_of(Xc) + futures_of(yc) + futures_of(zc))
     assert Xc.name == Xp.name and yc.name == yp.name  # the same blocks: no copies
     assert holders[(Xc.name, 0, 0)] == (workers[0],)
@@ -261,8 +286,9 @@ def test_a_persisted_X_held_unevenly_is_evened_out_and_y_joins_it(client, store)
     Xp = client.persist(Xd, workers=workers[:1])
     yp = client.persist(yd, workers=workers[1:])
     wait([Xp, yp])
-    Xc, (yc,), _ = data.cache(Xp, [yp], True, Xp, block_rows=10_000)  # blocks kept as they are
-    wait(futures_of(Xc) + futures_of(yc))
+    with placement_as_asked(client):  # blocks kept as they are
+        Xc, (yc,), _ = data.cache(Xp, [yp], True, Xp, block_rows=10_000)
+        wait(futures_of(Xc) + futures_of(yc))
     holders = client.who_has(futures_of(Xc) + futures_of(yc))
     x_at = [holders[(Xc.name, i, 0)] for i in range(3)]
     assert x_at == [(workers[0],), (workers[0],), (workers[1],)]  # the last block moved
