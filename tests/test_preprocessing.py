@@ -16,6 +16,21 @@ def X():
     return rng.standard_normal((3000, 4)) * [1, 10, 1e-3, 0] + [5, -100, 1e4, 7]
 
 
+@pytest.mark.parametrize("offset", [1e6, 1e8])
+def test_float32_far_from_the_origin_keeps_its_digits(offset):
+    """Moments in float64 relative to a row of the block: float32 data at 1e8 with a
+    spread of 0.08 (and a constant column) give the float64 truth, as scikit-learn does."""
+    rng = np.random.default_rng(0)
+    X = (rng.standard_normal((20_000, 3)) * [1.0, 8.0, 0.0] + offset).astype(np.float32)
+    ours = StandardScaler().fit(da.from_array(X, chunks=(3001, 3)))
+    X64 = X.astype(np.float64)
+    assert_allclose(ours.mean_, X64.mean(axis=0), rtol=1e-13)
+    assert_allclose(ours.var_, X64.var(axis=0), rtol=1e-9)
+    assert ours.var_[2] == 0.0 and ours.scale_[2] == 1.0
+    assert_allclose(np.asarray(ours.transform(X)), SKScaler().fit(X).transform(X),
+                    rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize("chunks", [3000, 701])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_matches_sklearn(X, chunks, weighted):

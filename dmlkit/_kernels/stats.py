@@ -193,18 +193,37 @@ class Moments(NamedTuple):
     col_m2: np.ndarray
 
 
+#: Rows of a block whose moments are computed at once (bounds the float64 copies).
+MOMENT_ROWS = 8192
+
+
 def moments(X: np.ndarray, w: np.ndarray | None, offset: int) -> Moments:
-    """:class:`Moments` of one row block (float64 accumulators)."""
-    Xf = X.astype(np.float64, copy=False) if X.dtype.kind != "f" else X
-    wf = np.ones(X.shape[0]) if w is None else np.asarray(w, dtype=np.float64)
-    weight = float(wf.sum())
-    if weight == 0:
-        return Moments(0.0, np.zeros(X.shape[1]), np.zeros(X.shape[1]))
-    col_sum = (wf.astype(Xf.dtype) @ Xf).astype(np.float64)
-    mean = col_sum / weight
-    dev = Xf - mean.astype(Xf.dtype)
-    col_m2 = (wf.astype(Xf.dtype) @ (dev * dev)).astype(np.float64)
-    return Moments(weight, col_sum, col_m2)
+    """:class:`Moments` of one row block.
+
+    In float64 whatever ``X``'s dtype, relative to the block's first row (data
+    far from the origin, or float32 data, loses no digits to the sums), in
+    pieces of :data:`MOMENT_ROWS` rows merged as :func:`combine_moments` does.
+    """
+    n, d = X.shape
+    wf = np.ones(n) if w is None else np.asarray(w, dtype=np.float64)
+    out = Moments(0.0, np.zeros(d), np.zeros(d))
+    if n == 0:
+        return out
+    shift = np.asarray(X[0], dtype=np.float64)
+    if not np.isfinite(shift).all():
+        shift = np.zeros(d)
+    for s in range(0, n, MOMENT_ROWS):
+        ws = wf[s : s + MOMENT_ROWS]
+        weight = float(ws.sum())
+        if weight == 0:
+            continue
+        D = np.subtract(X[s : s + MOMENT_ROWS], shift, dtype=np.float64)
+        total = ws @ D
+        D -= total / weight
+        D *= D
+        part = Moments(weight, total + weight * shift, ws @ D)
+        out = combine_moments(out, part)
+    return out
 
 
 def combine_moments(a: Moments, b: Moments) -> Moments:
