@@ -211,6 +211,26 @@ def test_n_init_keeps_best_run(blobs):
     assert best.inertia_ <= single[0] + 1e-6
 
 
+@pytest.mark.parametrize("init", ["given", "k-means||"])
+def test_float32_data_far_from_the_origin(init):
+    """Blobs of spread 1 at an offset of 1e4 in float32: the scores compare the rows with
+    the centres relative to the centres' mean, and the sums are of the shifted rows, so
+    the labels and centres are the float64 fit's (they were a scramble: ARI 0.16)."""
+    rng = np.random.default_rng(1)
+    C = rng.standard_normal((4, 3)) * 5
+    X = C[rng.integers(0, 4, 6000)] + rng.standard_normal((6000, 3))
+    X32 = (X + 1e4).astype(np.float32)
+    X64 = X32.astype(np.float64)
+    start = X64[:4] if init == "given" else "k-means++"
+    ref = SKKMeans(4, init=start, n_init=1, max_iter=50, tol=0, random_state=0).fit(X64)
+    ours = KMeans(4, init=X64[:4] if init == "given" else init, max_iter=50, tol=0,
+                  random_state=0).fit(da.from_array(X32, chunks=1000))
+    order = np.argsort(ours.cluster_centers_[:, 0])
+    ref_order = np.argsort(ref.cluster_centers_[:, 0])
+    assert_allclose(ours.cluster_centers_[order], ref.cluster_centers_[ref_order], atol=1e-3)
+    assert_allclose(ours.inertia_, ref.inertia_, rtol=1e-4)
+
+
 def test_integer_data_is_computed_in_float64():
     X = np.array([[1, 2], [1, 4], [1, 0], [10, 2], [10, 4], [10, 0]])
     km = KMeans(2, random_state=0).fit(X)

@@ -30,6 +30,11 @@ from dmlkit._kernels.random import uniform_rows
 BLOCK_ELEMENTS = 1 << 16
 
 
+#: Lloyd's float32 sums are of ``x - m`` (``m`` the centres' mean) when ``|m|`` exceeds
+#: this many times the centres' spread around it.
+SHIFT_SUMS = 8.0
+
+
 #: Rows per product of the one-hot memberships with the rows (the per-cluster sums):
 #: BLAS runs a (k x rows) by (rows x d) product several times faster in pieces of about
 #: this many rows than in one piece of 8,192 (measured with OpenBLAS, k=8, d=32).
@@ -68,14 +73,32 @@ def assign(X: np.ndarray, centers: np.ndarray, center_sq: np.ndarray | None = No
     return labels, d2
 
 
+def shifted_scores(centers: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What ranks the centres for a row ``x``, relative to the centres' mean ``m``.
+
+    ``||x - c||^2 - ||x - m||^2 = const_c - 2 x . (c - m)`` with ``const_c =
+    ||c - m||^2 + 2 m . (c - m)``: the products see ``c - m``, not ``c``, so
+    data far from the origin (an offset of 1e4 in float32, say) keeps the
+    digits that tell its clusters apart. Returns ``-2 (c - m)^T`` (d, k) and
+    ``const`` (k,) in ``dtype``, and ``m`` in float64.
+    """
+    C = np.asarray(centers, dtype=np.float64)
+    m = C.mean(axis=0) if C.shape[0] else np.zeros(C.shape[1])
+    D = C - m
+    const = np.einsum("ij,ij->i", D, D) + 2.0 * (D @ m)
+    return np.ascontiguousarray((-2.0 * D.T).astype(dtype)), const.astype(dtype), m
+
+
 def nearest_centers(X: np.ndarray, centers: np.ndarray,
                     center_sq: np.ndarray | None = None) -> np.ndarray:
-    """Index of the nearest centre of each row (the labels of :func:`assign`)."""
-    if center_sq is None:
-        center_sq = np.einsum("ij,ij->i", centers, centers)
-    scores = X @ centers.T
-    scores *= -2.0
-    scores += center_sq
+    """Index of the nearest centre of each row (the labels of :func:`assign`).
+
+    Scores relative to the centres' mean (:func:`shifted_scores`);
+    ``center_sq`` is unused (kept for the signature).
+    """
+    minus_2dt, const, _ = shifted_scores(centers, X.dtype)
+    scores = X @ minus_2dt
+    scores += const
     return scores.argmin(axis=1)
 
 
@@ -86,6 +109,10 @@ def min_sq_distances(X: np.ndarray, centers: np.ndarray) -> np.ndarray:
     so that the minimum over the centres is one vectorised pass (along the
     short axis of a (rows x centres) product NumPy reduces row by row).
     """
+    # relative to the centres' mean: data far from the origin keeps its digits
+    m = np.asarray(centers, dtype=np.float64).mean(axis=0).astype(X.dtype)
+    X = X - m
+    centers = (np.asarray(centers, dtype=np.float64) - m).astype(X.dtype)
     x2 = np.einsum("ij,ij->i", X, X)
     c2 = np.einsum("ij,ij->i", centers, centers)
     scores = (-2.0 * centers).astype(centers.dtype, copy=False) @ X.T
@@ -175,8 +202,12 @@ def lloyd_partial(
     X = _as_float(X)
     k, d = centers.shape
     C = centers.astype(X.dtype, copy=False)
-    c2 = np.einsum("ij,ij->i", C, C)
-    minus_2ct = np.ascontiguousarray(-2.0 * C.T)
+    minus_2ct, c2, m = shifted_scores(centers, X.dtype)
+    # the sums too are of x - m where the centres' mean dwarfs their spread (float32 sums
+    # of rows far from the origin would lose the digits that place the centres)
+    m32 = m.astype(X.dtype)
+    spread = float(np.abs(centers - m).max()) if k else 0.0
+    shift = bool(np.abs(m).max() > SHIFT_SUMS * spread) and X.dtype != np.float64
     sums = np.zeros((k, d), dtype=np.float64)
     weights = np.zeros(k, dtype=np.float64)
     inertia = 0.0 if exact else np.nan
@@ -185,6 +216,7 @@ def lloyd_partial(
     onehot = np.empty((k, step), dtype=X.dtype)
     nearest = _Nearest(k, step, X.dtype, c2)
     ids = np.arange(k)[:, None]
+    moved = np.empty((min(SUM_ROWS, step), d), dtype=X.dtype) if shift else None
     for s in range(0, X.shape[0], step):
         Xb = X[s : s + step]
         nb = Xb.shape[0]
@@ -197,12 +229,17 @@ def lloyd_partial(
             members *= wb.astype(X.dtype, copy=False)
             weights += np.bincount(labels, weights=wb, minlength=k)
         for a in range(0, nb, SUM_ROWS):  # short products: much faster than one long one
-            sums += members[:, a : a + SUM_ROWS] @ Xb[a : a + SUM_ROWS]
+            rows = Xb[a : a + SUM_ROWS]
+            if shift:
+                rows = np.subtract(rows, m32, out=moved[: rows.shape[0]])
+            sums += members[:, a : a + SUM_ROWS] @ rows
         if exact:
             diff = Xb - C[labels]
             d2 = np.einsum("ij,ij->i", diff, diff)
             inertia += float(d2.sum(dtype=np.float64) if w is None
                              else np.dot(d2.astype(np.float64), wb))
+    if shift:
+        sums += np.outer(weights, m32.astype(np.float64))
     return LloydPartial(sums, weights, inertia)
 
 
@@ -406,11 +443,10 @@ def assign_weights_partial(
     """Weight of the rows nearest to each centre: ndarray of shape (k,), float64."""
     X = _as_float(X)
     C = centers.astype(X.dtype, copy=False)
-    c2 = np.einsum("ij,ij->i", C, C)
     step = _block_rows(C.shape[0])
     out = np.zeros(C.shape[0])
     for s in range(0, X.shape[0], step):
-        labels = nearest_centers(X[s : s + step], C, c2)
+        labels = nearest_centers(X[s : s + step], C)
         wb = None if w is None else w[s : s + step]
         out += np.bincount(labels, weights=wb, minlength=C.shape[0])
     return out
