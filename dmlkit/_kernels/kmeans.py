@@ -30,8 +30,8 @@ from dmlkit._kernels.random import uniform_rows
 BLOCK_ELEMENTS = 1 << 16
 
 
-#: Lloyd's float32 sums are of ``x - m`` (``m`` the centres' mean) when ``|m|`` exceeds
-#: this many times the centres' spread around it.
+#: Lloyd's float32 sums, and k-means||'s distances, are of ``x - m`` (``m`` the centres'
+#: mean) when ``|m|`` exceeds this many times the centres' spread around it.
 SHIFT_SUMS = 8.0
 
 
@@ -109,10 +109,14 @@ def min_sq_distances(X: np.ndarray, centers: np.ndarray) -> np.ndarray:
     so that the minimum over the centres is one vectorised pass (along the
     short axis of a (rows x centres) product NumPy reduces row by row).
     """
-    # relative to the centres' mean: data far from the origin keeps its digits
-    m = np.asarray(centers, dtype=np.float64).mean(axis=0).astype(X.dtype)
-    X = X - m
-    centers = (np.asarray(centers, dtype=np.float64) - m).astype(X.dtype)
+    # relative to the centres' mean where it dwarfs their spread: data far from the
+    # origin keeps its digits (a copy of the rows, so only then)
+    C64 = np.asarray(centers, dtype=np.float64)
+    m = C64.mean(axis=0) if C64.shape[0] else np.zeros(C64.shape[1])
+    if C64.size and np.abs(m).max() > SHIFT_SUMS * np.abs(C64 - m).max():
+        m = m.astype(X.dtype)
+        X = X - m
+        centers = (C64 - m).astype(X.dtype)
     x2 = np.einsum("ij,ij->i", X, X)
     c2 = np.einsum("ij,ij->i", centers, centers)
     scores = (-2.0 * centers).astype(centers.dtype, copy=False) @ X.T
