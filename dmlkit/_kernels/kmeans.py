@@ -50,15 +50,13 @@ def _as_float(X: np.ndarray) -> np.ndarray:
     return X if X.dtype.kind == "f" else X.astype(np.float64)
 
 
-def assign(X: np.ndarray, centers: np.ndarray, center_sq: np.ndarray | None = None):
+def assign(X: np.ndarray, centers: np.ndarray):
     """Nearest centre of each row of ``X`` and the squared distance to it.
 
     Parameters
     ----------
     X : ndarray of shape (n, n_features)
     centers : ndarray of shape (k, n_features), same dtype as ``X``
-    center_sq : ndarray of shape (k,), optional
-        ``(centers ** 2).sum(1)``, when already known.
 
     Returns
     -------
@@ -67,7 +65,7 @@ def assign(X: np.ndarray, centers: np.ndarray, center_sq: np.ndarray | None = No
         Exact squared Euclidean distance ``||x - c_label||^2`` computed from the
         difference (not the expanded form), so sums of it are the true inertia.
     """
-    labels = nearest_centers(X, centers, center_sq)
+    labels = nearest_centers(X, centers)
     diff = X - centers[labels]
     d2 = np.einsum("ij,ij->i", diff, diff)
     return labels, d2
@@ -89,12 +87,17 @@ def shifted_scores(centers: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray, 
     return np.ascontiguousarray((-2.0 * D.T).astype(dtype)), const.astype(dtype), m
 
 
-def nearest_centers(X: np.ndarray, centers: np.ndarray,
-                    center_sq: np.ndarray | None = None) -> np.ndarray:
+def far_from_origin(centers: np.ndarray, m: np.ndarray) -> bool:
+    """Whether the centres' mean ``m`` dwarfs their spread around it (:data:`SHIFT_SUMS`):
+    float32 sums or squared norms of such rows lose the digits that set them apart."""
+    C = np.asarray(centers, dtype=np.float64)
+    return bool(C.size) and float(np.abs(m).max()) > SHIFT_SUMS * float(np.abs(C - m).max())
+
+
+def nearest_centers(X: np.ndarray, centers: np.ndarray) -> np.ndarray:
     """Index of the nearest centre of each row (the labels of :func:`assign`).
 
-    Scores relative to the centres' mean (:func:`shifted_scores`);
-    ``center_sq`` is unused (kept for the signature).
+    Scores relative to the centres' mean (:func:`shifted_scores`).
     """
     minus_2dt, const, _ = shifted_scores(centers, X.dtype)
     scores = X @ minus_2dt
@@ -113,7 +116,7 @@ def min_sq_distances(X: np.ndarray, centers: np.ndarray) -> np.ndarray:
     # origin keeps its digits (a copy of the rows, so only then)
     C64 = np.asarray(centers, dtype=np.float64)
     m = C64.mean(axis=0) if C64.shape[0] else np.zeros(C64.shape[1])
-    if C64.size and np.abs(m).max() > SHIFT_SUMS * np.abs(C64 - m).max():
+    if far_from_origin(C64, m):
         m = m.astype(X.dtype)
         X = X - m
         centers = (C64 - m).astype(X.dtype)
@@ -210,8 +213,7 @@ def lloyd_partial(
     # the sums too are of x - m where the centres' mean dwarfs their spread (float32 sums
     # of rows far from the origin would lose the digits that place the centres)
     m32 = m.astype(X.dtype)
-    spread = float(np.abs(centers - m).max()) if k else 0.0
-    shift = bool(np.abs(m).max() > SHIFT_SUMS * spread) and X.dtype != np.float64
+    shift = far_from_origin(centers, m) and X.dtype != np.float64
     sums = np.zeros((k, d), dtype=np.float64)
     weights = np.zeros(k, dtype=np.float64)
     inertia = 0.0 if exact else np.nan
