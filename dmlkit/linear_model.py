@@ -33,6 +33,9 @@ PRECISE_BELOW = 1e-3
 #: of about this many rows per parameter when the data hold at least twice as many
 #: (sub-sampled Newton); the objective and the gradient always use every row.
 HESSIAN_ROWS_PER_PARAM = 1000
+#: With an intercept, the kernels work on ``X - mean`` once some feature's mean exceeds
+#: ``sqrt(FAR_FROM_ORIGIN)`` = 10 times its standard deviation (as the first pass sees them).
+FAR_FROM_ORIGIN = 100.0
 
 
 def index_dtype(n_classes: int) -> np.dtype:
@@ -76,6 +79,37 @@ def prepare_supervised(X: Any, y: Any, sample_weight: Any):
     y_in = data.as_targets(y, X, X_in)
     w_in = data.check_sample_weight(sample_weight, X_in)
     return X_in, y_in, w_in
+
+
+def _moments(part) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted mean and variance per feature from a pass's ``moments`` (of ``X - shift``).
+
+    Far from the origin the variance is computed with cancellation (sums of float32
+    products): it can come out anywhere from 0 to a few 1e-5 of the squared mean,
+    negative included, which is still enough to tell such data apart.
+    """
+    mean = part.moments[0] / part.weight
+    return mean, part.moments[1] / part.weight - mean * mean
+
+
+def _squared_units(part, mean, var, fit_intercept: bool) -> tuple[float, np.ndarray]:
+    """The units of least squares' problem: ``s_y`` and, per parameter, ``s_j``.
+
+    ``s_y`` and ``s_j`` are the standard deviations of ``y`` and of feature ``j``
+    (root mean squares without an intercept; 1 for the intercept). ``part`` is the pass
+    at ``theta = 0``, whose loss is ``sum w y^2 / 2`` and whose intercept gradient is
+    ``-sum w y``. The gradient's entry ``j`` divided by ``s_y s_j`` is the gradient had
+    ``X`` and ``y`` been standardised: the test against ``tol``, which then means the
+    same for ``y`` in metres or in nanometres.
+    """
+    mean_sq = 2.0 * part.loss / part.weight
+    y_var = mean_sq - (part.grad[-1] / part.weight) ** 2 if fit_intercept else mean_sq
+    # y constant (or nearly, within rounding): its root mean square instead; y = 0: 1
+    s_y = np.sqrt(y_var) if y_var > 1e-12 * mean_sq else (np.sqrt(mean_sq) or 1.0)
+    spread = np.maximum(var, 0.0) if fit_intercept else var + mean * mean
+    rms = np.sqrt(np.maximum(var + mean * mean, 0.0))
+    s_x = np.where(spread > 0, np.sqrt(np.maximum(spread, 0.0)), np.where(rms > 0, rms, 1.0))
+    return float(s_y), (np.append(s_x, 1.0) if fit_intercept else s_x)
 
 
 def hessian_every(family: str, n_rows: int, n_params: int) -> int:
@@ -232,13 +266,24 @@ class _LinearModel(BaseEstimator):
         self.history_ = []
         bar = progress_bar(self.progress, total=self.max_iter, desc=type(self).__name__)
 
+        dtype = passes.blocks.X.dtype
+        dtype = dtype if dtype.kind == "f" else np.dtype(np.float64)
+        # shift: the point the kernels measure X from (None: the origin); units: (s_y, s)
+        # with the gradient divided by s_y * s before the comparison with tol (least squares
+        # only: see _squared_units; None: the gradient as it is)
+        state = {"shift": None, "units": None, "first": True}
+
+        def run(theta, hessian, *, moments=False, name, **kw):
+            args = dict(common, theta=theta, hessian=hessian, shift=state["shift"],
+                        moments=moments)
+            args.update(kw)
+            return passes.run(glm_partial, combine_glm, args, name=name)
+
         def gram():
             """``[X 1]^T W [X 1] / sum(w)``: one pass (the squared loss's Hessian)."""
             t0 = time.perf_counter()
             theta0 = np.zeros(n_features + int(fit_intercept))
-            part = passes.run(glm_partial, combine_glm,
-                              {"theta": theta0, "hessian": True,
-                               **dict(common, family="squared")}, name="gram")
+            part = run(theta0, True, family="squared", name="gram")
             return part.hess / part.weight, time.perf_counter() - t0
 
         precise = {"on": False}
@@ -247,12 +292,33 @@ class _LinearModel(BaseEstimator):
         sampled = {"every": hessian_every(family, passes.blocks.X.shape[0], p)
                    if solver == "newton" else 1}
 
+        def first_pass(theta, hessian, name):
+            """The first evaluation (at ``theta = 0``, the same point whatever the shift):
+            it also sums each feature's moments, which decide the shift and the scale."""
+            part = run(theta, hessian, moments=True, name=name, precise=precise["on"],
+                       hessian_every=sampled["every"])
+            mean, var = _moments(part)
+            if fit_intercept and np.any(var < mean * mean / FAR_FROM_ORIGIN):
+                # far from the origin: X^T X has lost the spread around the mean in any
+                # float precision, and the intercept and the coefficients are near-collinear.
+                # Work on X - mean (the intercept absorbs the shift); one more pass.
+                state["shift"] = mean.astype(dtype)
+                part = run(theta, hessian, moments=True, name=name, precise=precise["on"],
+                           hessian_every=sampled["every"])
+                mean, var = _moments(part)
+            if family == "squared":
+                state["units"] = _squared_units(part, mean, var, fit_intercept)
+            return part
+
         def evaluate(theta, hessian=False):
             t0 = time.perf_counter()
-            part = passes.run(glm_partial, combine_glm,
-                              {"theta": theta, "hessian": hessian, "precise": precise["on"],
-                               "hessian_every": sampled["every"], **common},
-                              name=f"{family}-{'newton' if hessian else 'grad'}")
+            name = f"{family}-{'newton' if hessian else 'grad'}"
+            if state["first"]:
+                state["first"] = False
+                part = first_pass(theta, hessian, name)
+            else:
+                part = run(theta, hessian, name=name, precise=precise["on"],
+                           hessian_every=sampled["every"])
             if hessian and sampled["every"] > 1 and part.hess_weight <= 0:
                 sampled["every"] = 1  # a sample without weight: the whole Hessian instead
                 return evaluate(theta, hessian)
@@ -268,6 +334,15 @@ class _LinearModel(BaseEstimator):
                 part.hess * (part.weight / part.hess_weight) + lam * np.diag(mask)) * scale
             return f, g, H, time.perf_counter() - t0
 
+        def units() -> tuple[float, np.ndarray]:
+            """``(s_y, s)``: see ``state``; ``(1, 1)`` where the gradient is taken as it is."""
+            return state["units"] or (1.0, np.ones(p))
+
+        def small(g) -> bool:
+            """Whether the gradient (or FISTA's gradient mapping) meets ``tol``."""
+            s_y, s = units()
+            return bool(np.abs(g / (s_y * s)).max() <= self.tol)
+
         def whole_hessian() -> bool:
             """From now on the Hessian over every row; False if it already was."""
             if sampled["every"] == 1:
@@ -275,6 +350,8 @@ class _LinearModel(BaseEstimator):
             sampled["every"] = 1
             return True
 
+        evaluate.small = small
+        evaluate.units = units
         evaluate.whole_hessian = whole_hessian
 
         theta = np.zeros(p)
@@ -285,6 +362,10 @@ class _LinearModel(BaseEstimator):
         finally:
             bar.close()
         self.n_passes_ = passes.count
+        if state["shift"] is not None:  # back from X - shift to X: the intercept takes it
+            theta = theta.copy()
+            coef, intercept = split_theta(theta, family, n_features, fit_intercept)
+            intercept -= coef @ state["shift"].astype(np.float64)
         if not self.converged_:
             if self.n_iter_ >= self.max_iter:
                 why = f"did not converge in max_iter={self.max_iter} iterations"
@@ -305,32 +386,45 @@ class _LinearModel(BaseEstimator):
         bar.set_postfix_str(f"objective {f:.6g}")
 
     def _lbfgs(self, evaluate, theta, bar):
-        """scipy's L-BFGS-B; every function evaluation is one pass (loss and gradient)."""
-        last = {"theta": theta, "g": None, "passes": 0, "seconds": 0.0}
+        """scipy's L-BFGS-B; every function evaluation is one pass (loss and gradient).
 
-        def fun(t):
-            f, g, _, sec = evaluate(t)
+        scipy works in the problem's units (see ``_squared_units``): on ``u`` with
+        ``theta = u s_y / s`` and the objective divided by ``s_y^2``, whose gradient is the
+        one ``tol`` is compared with, so that scipy's ``gtol`` is ``tol`` and its line
+        search and ``ftol`` see a problem of unit scale whatever the data's units.
+        """
+        f0, g0, _, sec0 = evaluate(theta)  # the first pass, which sets the units
+        s_y, s = evaluate.units()
+        to_theta, f_unit = s_y / s, s_y * s_y
+        last = {"theta": theta, "g": g0, "passes": 0, "seconds": 0.0, "start": (f0, g0, sec0)}
+
+        def fun(u):
+            start, last["start"] = last["start"], None
+            if start is not None and not u.any():  # scipy's first call: the start
+                f, g, sec = start
+            else:
+                f, g, _, sec = evaluate(u * to_theta)
             last["g"] = g
             last["passes"] += 1
             last["seconds"] += sec
-            return f, g
+            return f / f_unit, g * to_theta / f_unit
 
         def callback(intermediate_result):
-            x = intermediate_result.x
+            x = intermediate_result.x * to_theta
             step = float(np.abs(x - last["theta"]).max())
             last["theta"] = x.copy()
-            self._record(float(intermediate_result.fun), last["g"], step, last["seconds"],
-                         last["passes"], bar)
+            self._record(float(intermediate_result.fun) * f_unit, last["g"], step,
+                         last["seconds"], last["passes"], bar)
             last["passes"], last["seconds"] = 0, 0.0
 
-        res = minimize(fun, theta, jac=True, method="L-BFGS-B", callback=callback,
+        res = minimize(fun, theta * 0.0, jac=True, method="L-BFGS-B", callback=callback,
                        options={"maxiter": self.max_iter, "gtol": self.tol, "maxls": 50,
                                 "ftol": 64 * np.finfo(float).eps})
-        self.n_iter_ = int(res.nit)
+        self.n_iter_ = len(self.history_)
         # judged on the gradient, like the other solvers: scipy also stops when
         # the objective no longer decreases, which float32 data reach first
-        self.converged_ = bool(np.abs(res.jac).max() <= self.tol)
-        return res.x
+        self.converged_ = evaluate.small(res.jac * f_unit / to_theta)
+        return res.x * to_theta
 
     def _l1_strength(self) -> float:
         return 0.0
@@ -373,7 +467,7 @@ class _LinearModel(BaseEstimator):
         for _ in range(self.max_iter):
             x_next = prox(y - g / L)
             mapping = L * (y - x_next)
-            if np.abs(mapping).max() <= self.tol:
+            if evaluate.small(mapping):
                 x = x_next
                 self.converged_ = True
                 break
@@ -409,7 +503,7 @@ class _LinearModel(BaseEstimator):
         eta = 1.0 / max(float(np.linalg.eigvalsh(H)[-1]), 1e-12) if hessian else 1.0
         recent = [f]
         for _ in range(self.max_iter):
-            if np.abs(g).max() <= self.tol:
+            if evaluate.small(g):
                 break
             for _ in range(30):
                 candidate = theta - eta * g
@@ -426,16 +520,57 @@ class _LinearModel(BaseEstimator):
             recent = (recent + [f])[-10:]
             if sy > 0:
                 eta = float(s_ @ s_) / sy
-        self.converged_ = bool(np.abs(g).max() <= self.tol)
+        self.converged_ = evaluate.small(g)
+        self.n_iter_ = len(self.history_)
+        return theta
+
+    def _refine(self, evaluate, theta, bar):
+        """Newton for least squares: the normal equations from one pass, then refinement.
+
+        The objective is quadratic and the first pass's Hessian exact, so every
+        step is the full Newton step and no line search is needed; each later
+        pass only evaluates the gradient at the new point, and a step solves
+        with the same Hessian (iterative refinement: each pass gains the
+        digits that rounding took from the last). Stops when the gradient
+        meets ``tol``, or when a step no longer halves it (the data's
+        precision allows no more).
+        """
+        f, g, H, sec = evaluate(theta, hessian=True)
+        passes, seconds = 1, sec
+        try:
+            factor = np.linalg.cholesky(H)
+        except np.linalg.LinAlgError:  # singular: collinear or constant features
+            factor = None
+        for _ in range(self.max_iter):
+            if evaluate.small(g):
+                break
+            if factor is not None:
+                direction = -np.linalg.solve(factor.T, np.linalg.solve(factor, g))
+            else:
+                direction = -np.linalg.lstsq(H, g, rcond=None)[0]
+            candidate = theta + direction
+            f_new, g_new, _, sec = evaluate(candidate)
+            passes, seconds = passes + 1, seconds + sec
+            before, after = float(np.abs(g).max()), float(np.abs(g_new).max())
+            if after > before and f_new >= f:
+                break  # rounding only: keep the point
+            theta, f, g = candidate, f_new, g_new
+            self._record(f, g, float(np.abs(direction).max()), seconds, passes, bar)
+            passes, seconds = 0, 0.0
+            if after > 0.5 * before:
+                break  # at the data's precision: one more step gains nothing
+        self.converged_ = evaluate.small(g)
         self.n_iter_ = len(self.history_)
         return theta
 
     def _newton(self, evaluate, theta, bar):
         """Newton's method with step halving; one pass (gradient and Hessian) per trial point."""
+        if self._family == "squared":
+            return self._refine(evaluate, theta, bar)
         f, g, H, sec = evaluate(theta, hessian=True)
         passes, seconds = 1, sec
         for _ in range(self.max_iter):
-            if np.abs(g).max() <= self.tol:
+            if evaluate.small(g):
                 break
             try:
                 direction = -np.linalg.solve(H, g)
@@ -470,7 +605,7 @@ class _LinearModel(BaseEstimator):
             theta, f, g, H = candidate, f_new, g_new, H_new
             self._record(f, g, float(step * np.abs(direction).max()), seconds, passes, bar)
             passes, seconds = 0, 0.0
-        self.converged_ = bool(np.abs(g).max() <= self.tol)
+        self.converged_ = evaluate.small(g)
         self.n_iter_ = len(self.history_)
         return theta
 
@@ -493,12 +628,17 @@ class LinearRegression(RegressorMixin, LinearRegressorMixin, _LinearModel):
     fit_intercept : bool, default=True
     solver : {"auto", "newton", "lbfgs", "gd"}, default="auto"
         "newton" solves the normal equations from one pass computing
-        ``X^T W X`` and ``X^T W y`` (a second pass confirms the gradient is 0);
-        "auto" uses it up to 1,000 features.
+        ``X^T W X`` and ``X^T W y``; a second pass confirms the gradient is 0,
+        or refines the solution where rounding left more (float32 data: a
+        third pass, in float64). "auto" uses it up to 1,000 features.
     max_iter : int, default=100
     tol : float, default=1e-8
-        Stop when the largest gradient entry of the objective divided by the
-        total weight is at most ``tol``.
+        Stop when every entry of the objective's gradient (divided by the
+        total weight), divided in turn by the standard deviations of ``y``
+        and of its feature, is at most ``tol``: the gradient the same fit
+        would have on standardised ``X`` and ``y``, so that ``tol`` means the
+        same whatever their units. (Without an intercept, root mean squares
+        replace the standard deviations.)
     split_every : int or None, default=None
     cache : {"auto", True, False}, default="auto"
     progress : bool, default=False
@@ -515,8 +655,17 @@ class LinearRegression(RegressorMixin, LinearRegressorMixin, _LinearModel):
 
     Notes
     -----
-    Newton costs one pass per iteration (two in all for least squares);
-    L-BFGS one pass per function evaluation.
+    Newton costs two passes in all on float64 data (three on float32);
+    L-BFGS one pass per function evaluation. L-BFGS works in the units above
+    (on standardised parameters), so badly scaled data do not stall its line
+    search; "gd" does not, and needs features of similar scale.
+
+    Data far from the origin (some feature's mean beyond 10 standard
+    deviations: float32 data around 1e4, say) lose their spread in
+    ``X^T X`` at any float precision. With ``fit_intercept=True`` the first
+    pass sees it, and the fit then works on ``X - mean`` (one more pass,
+    the subtraction in every later one); ``intercept_`` is that of ``X``.
+    Without an intercept the problem itself is ill-conditioned there.
     """
 
     _family = "squared"
@@ -597,7 +746,9 @@ class LogisticRegression(ClassifierMixin, LinearClassifierMixin, _LinearModel):
     max_iter : int, default=100
     tol : float, default=1e-6
         Stop when the largest gradient entry of the objective divided by the
-        total weight is at most ``tol`` (scikit-learn's ``gtol``).
+        total weight is at most ``tol`` (scikit-learn's ``gtol``). With an
+        intercept, data far from the origin are fitted on ``X - mean``, as
+        described in :class:`LinearRegression`.
     split_every, cache, progress
         As in :class:`dmlkit.KMeans`.
 

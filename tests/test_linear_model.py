@@ -1,6 +1,8 @@
 """Linear, ridge and logistic regression against scikit-learn."""
 from __future__ import annotations
 
+import warnings
+
 import dask.array as da
 import numpy as np
 import pytest
@@ -282,7 +284,7 @@ def test_precision_floor_is_reported_not_called_max_iter(tmp_path):
 
     path = make_classification(tmp_path / "c.zarr", 20_000, 4, chunk_rows=5000, random_state=0)
     with pytest.warns(ConvergenceWarning, match="no step lowers the objective"):
-        m = LogisticRegression(solver="newton", tol=1e-14, max_iter=100).fit(path)
+        m = LogisticRegression(solver="newton", tol=1e-18, max_iter=100).fit(path)
     assert m.n_iter_ < 100 and not m.converged_
 
 
@@ -375,3 +377,114 @@ def test_only_newton_samples_the_hessian_and_it_recovers_from_a_poor_sample():
     l1.fit(X, y)
     assert l1.converged_ and np.isfinite(l1.coef_).all()
     assert not any(k.startswith("_fista") for k in vars(l1))  # the fit's blocks are not kept
+
+
+# ----------------------------------------------------------- data far from the origin
+@pytest.fixture(scope="module")
+def far():
+    rng = np.random.default_rng(1)
+    B = rng.standard_normal((5000, 4))
+    return {"B": B, "reg": B @ [1.0, -2.0, 0.5, 3.0] + 7 + 0.1 * rng.standard_normal(5000),
+            "binary": (B @ [1.0, -2.0, 0.5, 3.0] + 0.5 * rng.standard_normal(5000) > 0
+                       ).astype(int)}
+
+
+@pytest.mark.parametrize("offset,dtype", [(1e4, np.float32), (1e8, np.float64)])
+@pytest.mark.parametrize("solver", ["newton", "lbfgs", "gd"])
+def test_least_squares_far_from_the_origin_matches_centred_data(far, offset, dtype, solver):
+    """X^T X of such data has lost the spread (float32 at 1e4, float64 at 1e8): the fit
+    works on X - mean. The reference: the same rows, centred exactly in float64."""
+    X = (far["B"] + offset).astype(dtype)
+    exact = X.astype(np.float64)
+    mean = exact.mean(axis=0)
+    for ours, ref in [(LinearRegression(solver=solver, max_iter=500), sk.LinearRegression()),
+                      (Ridge(alpha=30.0, solver=solver, max_iter=500), sk.Ridge(alpha=30.0))]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ConvergenceWarning)
+            ours.fit(X, far["reg"])
+        ref.fit(exact - mean, far["reg"])
+        assert ours.converged_
+        assert_allclose(ours.coef_, ref.coef_, rtol=1e-6)
+        # the intercept is that of X, not of X - mean: the prediction at the mean
+        assert ours.intercept_ + ours.coef_ @ mean == pytest.approx(ref.intercept_, abs=1e-6)
+        assert ours.score(X, far["reg"]) == pytest.approx(ref.score(exact - mean, far["reg"]),
+                                                         abs=1e-6)
+
+
+@pytest.mark.parametrize("offset,dtype", [(1e4, np.float32), (1e8, np.float64)])
+@pytest.mark.parametrize("solver", ["newton", "lbfgs"])
+def test_logistic_far_from_the_origin_matches_centred_data(far, offset, dtype, solver):
+    X = (far["B"] + offset).astype(dtype)
+    exact = X.astype(np.float64)
+    mean = exact.mean(axis=0)
+    ours = LogisticRegression(solver=solver, tol=1e-8).fit(X, far["binary"])
+    ref = sk.LogisticRegression(solver="newton-cholesky", tol=1e-12).fit(
+        exact - mean, far["binary"])
+    assert ours.converged_
+    assert_allclose(ours.coef_, ref.coef_, rtol=1e-5)
+    assert_allclose(ours.intercept_ + ours.coef_ @ mean, ref.intercept_, atol=1e-6)
+    # (the decision function subtracts numbers near 1e4 or 1e8: compare it centred)
+    assert_allclose(ours.coef_ @ (exact - mean).T + (ours.intercept_ + ours.coef_ @ mean)[:, None],
+                    ref.decision_function(exact - mean)[None, :], rtol=1e-5, atol=1e-5)
+
+
+def test_far_from_the_origin_costs_one_more_pass(far):
+    near = LinearRegression().fit(far["B"], far["reg"])
+    shifted = LinearRegression().fit(far["B"] + 1e8, far["reg"])
+    assert (near.n_passes_, shifted.n_passes_) == (2, 3)
+    # ten standard deviations from the origin: still the origin's pass count
+    assert LinearRegression().fit(far["B"] + 5.0, far["reg"]).n_passes_ == 2
+
+
+def test_glm_kernel_shift_moves_the_intercept_and_sums_the_moments():
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((3000, 3)) + [5.0, -2.0, 0.0]
+    y = (rng.random(3000) < 0.4).astype(np.int8)
+    w = rng.uniform(0.5, 2.0, 3000)
+    shift = np.array([5.0, -2.0, 1.0])
+    theta = np.array([0.3, -0.2, 0.1, 0.7])
+    moved = theta.copy()
+    moved[-1] += shift @ theta[:3]  # the same decision values on X - shift
+    kw = dict(y=y, family="binomial", fit_intercept=True, hessian=True)
+    plain = glm_partial(X, w, 0, theta=theta, **kw)
+    part = glm_partial(X, w, 0, theta=moved, shift=shift, moments=True, **kw)
+    assert part.loss == pytest.approx(plain.loss, rel=1e-12)
+    Xs = X - shift
+    D = plain.grad[-1]  # sum of w dloss/dz, the same at the same decision values
+    assert part.grad[-1] == pytest.approx(D, rel=1e-12)
+    assert_allclose(part.grad[:3], plain.grad[:3] - shift * D, rtol=1e-10, atol=1e-10)
+    assert_allclose(part.moments, [w @ Xs, w @ Xs**2], rtol=1e-12)
+    assert plain.moments is None
+    J = np.eye(4)
+    J[3, :3] = -shift  # d(theta on X)/d(theta on X - shift) ... as a change of variables
+    assert_allclose(part.hess, J.T @ plain.hess @ J, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("factor", [1e-20, 1e20])
+def test_least_squares_tol_is_relative_to_the_scale_of_y_and_x(far, factor):
+    """tol is that of the standardised problem: y (or X) in other units, the same fit."""
+    ref = LinearRegression().fit(far["B"], far["reg"])
+    for solver in ["newton", "lbfgs", "gd"]:
+        scaled_y = LinearRegression(solver=solver, max_iter=500).fit(far["B"], far["reg"] * factor)
+        assert scaled_y.converged_ and scaled_y.n_iter_ >= 1
+        assert_allclose(scaled_y.coef_ / factor, ref.coef_, rtol=1e-6)
+        if solver == "gd":  # (plain gradient steps: the intercept and X * 1e20 differ in
+            continue        # curvature by 1e40, which no step size serves)
+        scaled_x = LinearRegression(solver=solver, max_iter=500).fit(far["B"] * factor, far["reg"])
+        assert scaled_x.converged_
+        assert_allclose(scaled_x.coef_ * factor, ref.coef_, rtol=1e-6)
+    constant = LinearRegression().fit(far["B"], np.full(5000, 3.0))
+    assert constant.converged_ and constant.intercept_ == pytest.approx(3.0)
+    assert_allclose(constant.coef_, 0.0, atol=1e-12)
+
+
+def test_least_squares_on_float32_reaches_the_default_tol(far):
+    """The float32 products' rounding no longer hides the last digits: a pass in float64
+    refines the normal equations' solution."""
+    X = far["B"].astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        ours = LinearRegression().fit(X, far["reg"])
+    ref = sk.LinearRegression().fit(X.astype(np.float64), far["reg"])
+    assert ours.converged_ and ours.n_passes_ <= 4
+    assert_allclose(ours.coef_, ref.coef_, rtol=1e-9)

@@ -33,21 +33,24 @@ HESSIAN_RUN = 1024
 
 class GLMPartial(NamedTuple):
     """Sums over rows: ``loss`` (float), ``grad`` (p,), ``hess`` (p, p) or None, ``weight``
-    (float) and ``hess_weight``, the weight of the rows the Hessian sums over (all of them,
-    or a sample: see :func:`glm_partial`)."""
+    (float), ``hess_weight``, the weight of the rows the Hessian sums over (all of them,
+    or a sample: see :func:`glm_partial`), and ``moments`` (2, n_features) or None: the
+    weighted sums of ``x - shift`` and of its square, per feature."""
 
     loss: float
     grad: np.ndarray
     hess: np.ndarray | None
     weight: float
     hess_weight: float = 0.0
+    moments: np.ndarray | None = None
 
 
 def combine_glm(a: GLMPartial, b: GLMPartial) -> GLMPartial:
     """Associative merge: everything is a sum."""
     hess = None if a.hess is None else a.hess + b.hess
+    moments = None if a.moments is None else a.moments + b.moments
     return GLMPartial(a.loss + b.loss, a.grad + b.grad, hess, a.weight + b.weight,
-                      a.hess_weight + b.hess_weight)
+                      a.hess_weight + b.hess_weight, moments)
 
 
 def hessian_sample(offset: int, n: int, every: int) -> list[tuple[int, int]] | None:
@@ -199,6 +202,7 @@ def glm_partial(
     X: np.ndarray, w: np.ndarray | None, offset: int, *, y: np.ndarray, theta: np.ndarray,
     family: str, fit_intercept: bool, n_classes: int = 2, hessian: bool = False,
     epsilon: float = 1.35, precise: bool = False, hessian_every: int = 1,
+    shift: np.ndarray | None = None, moments: bool = False,
 ) -> GLMPartial:
     """Weighted sums of pointwise loss, gradient and optionally Hessian over a block.
 
@@ -222,17 +226,29 @@ def glm_partial(
     epsilon : float, default=1.35
         Huber's threshold.
     precise : bool, default=False
-        Compute ``z`` in float64 for float32 ``X`` (slower). By default ``z``
-        is a float32 product, whose rounding makes the loss jump by about
-        1e-7 of its value as ``theta`` moves: close to the optimum, where
-        steps lower the loss by less than that, a line search needs
-        ``precise=True`` to see the decrease.
+        Compute ``z`` and the gradient in float64 for float32 ``X`` (slower).
+        By default they are float32 products, whose rounding makes the loss
+        jump by about 1e-7 of its value as ``theta`` moves and leaves the
+        gradient's entries uncertain by about 1e-5 of the sums of
+        ``|d loss / d z| |x|``: close to the optimum, where steps lower the
+        loss by less than that, a line search needs ``precise=True`` to see the
+        decrease, and a solver to see the gradient vanish.
     hessian_every : int, default=1
         With ``hessian=True``, sum the Hessian over a sample of about one row in
         ``hessian_every`` only (:func:`hessian_sample`; ``offset`` places the
         block's rows); ``hess_weight`` is the sample's weight, so that
         ``hess * weight / hess_weight`` estimates the whole Hessian. Loss and
         gradient always sum over every row.
+    shift : ndarray of shape (n_features,) or None, default=None
+        Work on ``X - shift`` instead of ``X`` (subtracted in ``X``'s dtype,
+        one sub-block at a time): ``z = (X - shift) coef^T + intercept``, and
+        the gradient and Hessian are those of these parameters. For data far
+        from the origin, where ``X^T X`` in any float precision has lost the
+        data's spread, the caller shifts by the mean (see
+        ``dmlkit.linear_model``).
+    moments : bool, default=False
+        Also return the weighted sums of ``X - shift`` and of its square, per
+        feature (every row).
     """
     if family not in FAMILIES:
         raise ValueError(f"family={family!r} should be one of {FAMILIES}")
@@ -258,12 +274,24 @@ def glm_partial(
         wide = np.empty((min(n, step), d))
     else:
         wide = None
+    if shift is not None:
+        shift = np.asarray(shift, dtype=X.dtype)
+        if shift.shape != (d,):
+            raise ValueError(f"shift has shape {shift.shape}; expected ({d},)")
+        shifted = np.empty((min(n, step), d), dtype=X.dtype)
+    sums = np.zeros((2, d)) if moments else None
     sample = hessian_sample(int(offset), n, int(hessian_every)) if hessian else None
     hess_weight = weight if sample is None else float(sum(wf[a:b].sum() for a, b in sample))
     at = 0  # the first sampled run not behind the current sub-block
     for s in range(0, n, step):
         Xb, yb = X[s : s + step], y[s : s + step]
         wb = None if w is None else wf[s : s + step]
+        if shift is not None:
+            Xb = np.subtract(Xb, shift, out=shifted[: Xb.shape[0]])
+        if sums is not None:
+            vb = np.ones(Xb.shape[0], X.dtype) if wb is None else wb.astype(X.dtype)
+            sums[0] += vb @ Xb
+            sums[1] += vb @ np.square(Xb)
         if wide is not None:
             Xw = wide[: Xb.shape[0]]
             np.copyto(Xw, Xb)
@@ -273,7 +301,10 @@ def glm_partial(
         whole = hessian and sample is None
         part, D, curvature = pointwise(Z, yb, wb, family, epsilon, curvature=whole)
         loss += part
-        g_coef += D.T.astype(X.dtype) @ Xb
+        if wide is not None:  # near the optimum the gradient's float32 rounding shows too
+            g_coef += D.T @ Xw
+        else:
+            g_coef += D.T.astype(X.dtype) @ Xb
         if fit_intercept:
             g_int += D.sum(axis=0)
         if whole:
@@ -289,4 +320,4 @@ def glm_partial(
                     c = pointwise(Z[a:b], yb[a:b], None if wb is None else wb[a:b], family,
                                   epsilon)[2]
                     hess += _gram(Xb[a:b], c, fit_intercept)
-    return GLMPartial(loss, grad, hess, weight, hess_weight if hessian else 0.0)
+    return GLMPartial(loss, grad, hess, weight, hess_weight if hessian else 0.0, sums)
