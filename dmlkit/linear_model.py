@@ -26,16 +26,20 @@ from dmlkit._progress import progress_bar
 _SOLVERS = ("auto", "lbfgs", "newton", "gd", "fista")
 #: "auto" picks Newton up to this many parameters (its Hessian is p x p).
 NEWTON_MAX_PARAMS = 1000
-#: Once the gradient's largest entry is this small, passes compute ``z`` in float64
-#: (``glm_partial(precise=True)``), so that line searches still see the loss decrease.
+#: Once the gradient's largest entry is this small (least squares: in the problem's units),
+#: passes compute ``z`` and the gradient in float64 (``glm_partial(precise=True)``), so that
+#: line searches still see the loss decrease and the gradient can vanish.
 PRECISE_BELOW = 1e-3
 #: Newton on a loss whose Hessian changes (logistic, Huber) sums the Hessian over a sample
 #: of about this many rows per parameter when the data hold at least twice as many
 #: (sub-sampled Newton); the objective and the gradient always use every row.
 HESSIAN_ROWS_PER_PARAM = 1000
 #: With an intercept, the kernels work on ``X - mean`` once some feature's mean exceeds
-#: ``sqrt(FAR_FROM_ORIGIN)`` = 10 times its standard deviation (as the first pass sees them).
+#: ``sqrt(FAR_FROM_ORIGIN)`` = 10 times its standard deviation.
 FAR_FROM_ORIGIN = 100.0
+#: A feature varying by at most this many units of ``X``'s float precision (relative to
+#: its mean) is constant: its variation is rounding.
+CONSTANT_EPS = 4.0
 
 
 def index_dtype(n_classes: int) -> np.dtype:
@@ -68,8 +72,11 @@ def _class_weight_block(y, classes, table):
     return table[np.searchsorted(classes, y)]
 
 
-def _linear_block(X, coef, intercept):
+def _linear_block(X, coef, intercept, center=None):
     X = X if X.dtype.kind == "f" else X.astype(np.float64)
+    if center is not None:  # data far from the origin: the product of X - center, smaller
+        X = X - center.astype(X.dtype)
+        intercept = intercept + coef @ center
     return (X @ coef.T.astype(X.dtype)).astype(np.float64) + intercept
 
 
@@ -81,35 +88,40 @@ def prepare_supervised(X: Any, y: Any, sample_weight: Any):
     return X_in, y_in, w_in
 
 
-def _moments(part) -> tuple[np.ndarray, np.ndarray]:
-    """Weighted mean and variance per feature from a pass's ``moments`` (of ``X - shift``).
+def _features(stats, dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per feature: mean, variance and whether it is constant, from the first pass's data
+    statistics (unweighted; float64 sums relative to a row of each block, so exact for
+    data far from the origin). Constant: a spread within :data:`CONSTANT_EPS` units of
+    ``X``'s float precision of the mean (rounding, not data)."""
+    n = max(stats.n_rows, 1)
+    mean = stats.col_sum / n
+    var = stats.col_m2 / n
+    with np.errstate(over="ignore", invalid="ignore"):
+        constant = var <= (CONSTANT_EPS * np.finfo(dtype).eps * mean) ** 2
+    return mean, var, constant
 
-    Far from the origin the variance is computed with cancellation (sums of float32
-    products): it can come out anywhere from 0 to a few 1e-5 of the squared mean,
-    negative included, which is still enough to tell such data apart.
-    """
-    mean = part.moments[0] / part.weight
-    return mean, part.moments[1] / part.weight - mean * mean
 
-
-def _squared_units(part, mean, var, fit_intercept: bool) -> tuple[float, np.ndarray]:
+def _squared_units(y_moments, mean, var, constant, fit_intercept: bool):
     """The units of least squares' problem: ``s_y`` and, per parameter, ``s_j``.
 
     ``s_y`` and ``s_j`` are the standard deviations of ``y`` and of feature ``j``
-    (root mean squares without an intercept; 1 for the intercept). ``part`` is the pass
-    at ``theta = 0``, whose loss is ``sum w y^2 / 2`` and whose intercept gradient is
-    ``-sum w y``. The gradient's entry ``j`` divided by ``s_y s_j`` is the gradient had
-    ``X`` and ``y`` been standardised: the test against ``tol``, which then means the
-    same for ``y`` in metres or in nanometres.
+    (root mean squares without an intercept, or for a constant; 1 for the intercept,
+    and where a value is 0 or not finite). The gradient's entry ``j`` divided by
+    ``s_y s_j`` is the gradient had ``X`` and ``y`` been standardised: the test
+    against ``tol``, which then means the same for ``y`` in metres or in nanometres.
+    ``y_moments`` is ``(weight, sum, m2)`` (see ``glm_partial(y_moments=True)``).
     """
-    mean_sq = 2.0 * part.loss / part.weight
-    y_var = mean_sq - (part.grad[-1] / part.weight) ** 2 if fit_intercept else mean_sq
-    # y constant (or nearly, within rounding): its root mean square instead; y = 0: 1
-    s_y = np.sqrt(y_var) if y_var > 1e-12 * mean_sq else (np.sqrt(mean_sq) or 1.0)
-    spread = np.maximum(var, 0.0) if fit_intercept else var + mean * mean
-    rms = np.sqrt(np.maximum(var + mean * mean, 0.0))
-    s_x = np.where(spread > 0, np.sqrt(np.maximum(spread, 0.0)), np.where(rms > 0, rms, 1.0))
-    return float(s_y), (np.append(s_x, 1.0) if fit_intercept else s_x)
+    weight, total, m2 = y_moments
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        y_mean, y_var = total / weight, m2 / weight
+        rms_y = np.sqrt(y_var + y_mean * y_mean)
+        y_constant = y_var <= (CONSTANT_EPS * np.finfo(float).eps * y_mean) ** 2
+        s_y = np.sqrt(y_var) if fit_intercept and not y_constant else rms_y
+        rms = np.sqrt(var + mean * mean)
+        s_x = np.where(fit_intercept & ~constant, np.sqrt(var), rms)
+    s_y = float(s_y) if np.isfinite(s_y) and s_y > 0 else 1.0
+    s_x = np.where(np.isfinite(s_x) & (s_x > 0), s_x, 1.0)
+    return s_y, (np.append(s_x, 1.0) if fit_intercept else s_x)
 
 
 def hessian_every(family: str, n_rows: int, n_params: int) -> int:
@@ -182,8 +194,9 @@ class LinearPredictorMixin:
         Xd = data.as_fitted_matrix(self, X, "coef_")
         coef = np.atleast_2d(self.coef_)
         intercept = np.atleast_1d(self.intercept_).astype(np.float64)
-        out = _graph.map_rows(Xd, _linear_block, {"coef": coef, "intercept": intercept},
-                              np.float64, n_columns=coef.shape[0])
+        # (a fit that worked on X - mean computes the product there too: see _LinearModel)
+        params = {"coef": coef, "intercept": intercept, "center": getattr(self, "_center", None)}
+        out = _graph.map_rows(Xd, _linear_block, params, np.float64, n_columns=coef.shape[0])
         return out
 
 
@@ -271,11 +284,12 @@ class _LinearModel(BaseEstimator):
         # shift: the point the kernels measure X from (None: the origin); units: (s_y, s)
         # with the gradient divided by s_y * s before the comparison with tol (least squares
         # only: see _squared_units; None: the gradient as it is)
-        state = {"shift": None, "units": None, "first": True}
+        state = {"shift": None, "y_shift": 0.0, "fixed": None, "units": None, "first": True}
 
-        def run(theta, hessian, *, moments=False, name, **kw):
-            args = dict(common, theta=theta, hessian=hessian, shift=state["shift"],
-                        moments=moments)
+        def run(theta, hessian, *, name, **kw):
+            args = dict(common, theta=theta, hessian=hessian, shift=state["shift"])
+            if state["y_shift"] and args["family"] == "squared":
+                args["y_shift"] = state["y_shift"]
             args.update(kw)
             return passes.run(glm_partial, combine_glm, args, name=name)
 
@@ -293,25 +307,49 @@ class _LinearModel(BaseEstimator):
                    if solver == "newton" else 1}
 
         def first_pass(theta, hessian, name):
-            """The first evaluation (at ``theta = 0``, the same point whatever the shift):
-            it also sums each feature's moments, which decide the shift and the scale."""
-            part = run(theta, hessian, moments=True, name=name, precise=precise["on"],
-                       hessian_every=sampled["every"])
-            mean, var = _moments(part)
-            if fit_intercept and np.any(var < mean * mean / FAR_FROM_ORIGIN):
+            """The first evaluation (at ``theta = 0``, the same point whatever the shift),
+            which also brings the data's statistics: they decide the shift and the units."""
+            squared = family == "squared"
+            part = run(theta, hessian, name=name, precise=precise["on"],
+                       hessian_every=sampled["every"], y_moments=squared)
+            mean, var, constant = _features(passes.stats, dtype)
+            with np.errstate(over="ignore", invalid="ignore"):
+                far = ~constant & (mean * mean > FAR_FROM_ORIGIN * var)
+            if fit_intercept and constant.any():
+                # a constant feature is collinear with the intercept: its coefficient stays
+                # 0, as scikit-learn's centring makes it (the gradient and the Hessian
+                # leave that coordinate alone)
+                k = n_classes if family == "multinomial" else 1
+                state["fixed"] = (np.arange(k)[:, None] * n_features
+                                  + np.flatnonzero(constant)[None, :]).ravel()
+            y_far = False
+            if squared and fit_intercept:
+                weight, total, m2 = part.y_moments
+                y_mean = total / weight
+                y_far = bool(y_mean * y_mean > FAR_FROM_ORIGIN * (m2 / weight))
+            if fit_intercept and (far.any() or y_far):
                 # far from the origin: X^T X has lost the spread around the mean in any
                 # float precision, and the intercept and the coefficients are near-collinear.
-                # Work on X - mean (the intercept absorbs the shift); one more pass.
-                state["shift"] = mean.astype(dtype)
-                part = run(theta, hessian, moments=True, name=name, precise=precise["on"],
-                           hessian_every=sampled["every"])
-                mean, var = _moments(part)
-            if family == "squared":
-                state["units"] = _squared_units(part, mean, var, fit_intercept)
+                # Work on X - mean (the intercept absorbs the shift); one more pass. A y far
+                # from 0 makes every residual a difference of large numbers: fit y - mean.
+                state["shift"] = mean.astype(dtype) if far.any() else None
+                state["y_shift"] = float(y_mean) if y_far else 0.0
+                part = run(theta, hessian, name=name, precise=precise["on"],
+                           hessian_every=sampled["every"], y_moments=squared)
+            if squared:
+                state["units"] = _squared_units(part.y_moments, mean, var, constant,
+                                                fit_intercept)
             return part
 
         def evaluate(theta, hessian=False):
-            t0 = time.perf_counter()
+            """``(f, g, H, seconds)`` at ``theta``; ``evaluate.runs``: the passes it took."""
+            t0, before = time.perf_counter(), passes.count
+            evaluate.precise = precise["on"]  # whether this evaluation is in float64
+            f, g, H = _evaluate(theta, hessian)
+            evaluate.runs = passes.count - before
+            return f, g, H, time.perf_counter() - t0
+
+        def _evaluate(theta, hessian):
             name = f"{family}-{'newton' if hessian else 'grad'}"
             if state["first"]:
                 state["first"] = False
@@ -321,18 +359,29 @@ class _LinearModel(BaseEstimator):
                            hessian_every=sampled["every"])
             if hessian and sampled["every"] > 1 and part.hess_weight <= 0:
                 sampled["every"] = 1  # a sample without weight: the whole Hessian instead
-                return evaluate(theta, hessian)
+                return _evaluate(theta, hessian)
             scale = 1.0 / part.weight
             evaluate.fista_setup = {"weight": part.weight, "lam": lam, "lam1": lam1,
                                     "mask": mask, "gram": gram}
             f = (part.loss + 0.5 * lam * float(theta @ (mask * theta))) * scale
             g = (part.grad + lam * mask * theta) * scale
-            # near the optimum the float32 rounding of z hides the loss's decrease: from
-            # here on, every pass computes z in float64 (see glm_partial's `precise`)
-            precise["on"] = precise["on"] or float(np.abs(g).max()) <= PRECISE_BELOW
+            # near the optimum the float32 rounding of z and of the gradient hides the
+            # loss's decrease: from here on, every pass computes them in float64 (see
+            # glm_partial's `precise`)
+            s_y, s = units()
+            precise["on"] = precise["on"] or float(np.abs(g / (s_y * s)).max()) <= PRECISE_BELOW
             H = None if part.hess is None else (
                 part.hess * (part.weight / part.hess_weight) + lam * np.diag(mask)) * scale
-            return f, g, H, time.perf_counter() - t0
+            fixed = state["fixed"]
+            if fixed is not None:
+                g[fixed] = 0.0
+                if H is not None:
+                    free = np.setdiff1d(np.arange(p), fixed)
+                    diagonal = float(np.mean(np.diag(H)[free])) if free.size else 1.0
+                    H[fixed, :] = 0.0
+                    H[:, fixed] = 0.0
+                    H[fixed, fixed] = diagonal if diagonal > 0 else 1.0
+            return f, g, H
 
         def units() -> tuple[float, np.ndarray]:
             """``(s_y, s)``: see ``state``; ``(1, 1)`` where the gradient is taken as it is."""
@@ -350,8 +399,24 @@ class _LinearModel(BaseEstimator):
             sampled["every"] = 1
             return True
 
+        def unsafe(H) -> bool:
+            """Whether Newton's Hessian cannot be trusted: not finite, or some feature's
+            squares beyond the normal range of X's dtype, where the products that sum it
+            overflow or lose their digits (float32 beyond about 1e18, or below 1e-16):
+            Newton then hands over to L-BFGS, whose passes need no squares."""
+            info = np.finfo(dtype)
+            mean, var, _ = _features(passes.stats, dtype)
+            with np.errstate(over="ignore", invalid="ignore"):
+                sq = var + mean * mean
+                big = sq > float(info.max) / (16.0 * max(passes.stats.n_rows, 1))
+                small = (sq > 0) & (sq < float(info.tiny) / float(info.eps))
+            return bool(big.any() or small.any() or not np.isfinite(sq).all()
+                        or (H is not None and not np.isfinite(H).all()))
+
         evaluate.small = small
         evaluate.units = units
+        evaluate.unsafe = unsafe
+        evaluate.precise_now = lambda: precise["on"]
         evaluate.whole_hessian = whole_hessian
 
         theta = np.zeros(p)
@@ -362,10 +427,14 @@ class _LinearModel(BaseEstimator):
         finally:
             bar.close()
         self.n_passes_ = passes.count
-        if state["shift"] is not None:  # back from X - shift to X: the intercept takes it
+        self._center = None if state["shift"] is None else state["shift"].astype(np.float64)
+        if state["shift"] is not None or state["y_shift"]:
+            # back from X - shift and y - y_shift to X and y: the intercept takes both
             theta = theta.copy()
             coef, intercept = split_theta(theta, family, n_features, fit_intercept)
-            intercept -= coef @ state["shift"].astype(np.float64)
+            if state["shift"] is not None:
+                intercept -= coef @ state["shift"].astype(np.float64)
+            intercept += state["y_shift"]
         if not self.converged_:
             if self.n_iter_ >= self.max_iter:
                 why = f"did not converge in max_iter={self.max_iter} iterations"
@@ -385,7 +454,7 @@ class _LinearModel(BaseEstimator):
         bar.update(1)
         bar.set_postfix_str(f"objective {f:.6g}")
 
-    def _lbfgs(self, evaluate, theta, bar):
+    def _lbfgs(self, evaluate, theta, bar, start=None):
         """scipy's L-BFGS-B; every function evaluation is one pass (loss and gradient).
 
         scipy works in the problem's units (see ``_squared_units``): on ``u`` with
@@ -393,19 +462,22 @@ class _LinearModel(BaseEstimator):
         one ``tol`` is compared with, so that scipy's ``gtol`` is ``tol`` and its line
         search and ``ftol`` see a problem of unit scale whatever the data's units.
         """
-        f0, g0, _, sec0 = evaluate(theta)  # the first pass, which sets the units
+        if start is None:  # (Newton hands over its first evaluation when it cannot go on)
+            f0, g0, _, sec0 = evaluate(theta)  # the first pass, which sets the units
+            start = (f0, g0, sec0, evaluate.runs)
         s_y, s = evaluate.units()
         to_theta, f_unit = s_y / s, s_y * s_y
-        last = {"theta": theta, "g": g0, "passes": 0, "seconds": 0.0, "start": (f0, g0, sec0)}
+        last = {"theta": theta, "g": start[1], "passes": 0, "seconds": 0.0, "start": start}
 
         def fun(u):
             start, last["start"] = last["start"], None
             if start is not None and not u.any():  # scipy's first call: the start
-                f, g, sec = start
+                f, g, sec, runs = start
             else:
                 f, g, _, sec = evaluate(u * to_theta)
+                runs = evaluate.runs
             last["g"] = g
-            last["passes"] += 1
+            last["passes"] += runs
             last["seconds"] += sec
             return f / f_unit, g * to_theta / f_unit
 
@@ -417,9 +489,20 @@ class _LinearModel(BaseEstimator):
                          last["seconds"], last["passes"], bar)
             last["passes"], last["seconds"] = 0, 0.0
 
-        res = minimize(fun, theta * 0.0, jac=True, method="L-BFGS-B", callback=callback,
-                       options={"maxiter": self.max_iter, "gtol": self.tol, "maxls": 50,
-                                "ftol": 64 * np.finfo(float).eps})
+        u, done = theta * 0.0, len(self.history_)
+        for _ in range(2):
+            was_precise = evaluate.precise_now()
+            res = minimize(fun, u, jac=True, method="L-BFGS-B", callback=callback,
+                           options={"maxiter": self.max_iter - (len(self.history_) - done),
+                                    "gtol": self.tol, "maxls": 50,
+                                    "ftol": 64 * np.finfo(float).eps})
+            if was_precise or not evaluate.precise_now() or len(self.history_) - done \
+                    >= self.max_iter or evaluate.small(res.jac * f_unit / to_theta):
+                break
+            # the passes went float64 on the way (float32 data near the optimum): scipy's
+            # memory holds the float32 objective's values, whose rounding can stall its
+            # line search; once more from here, with a fresh memory
+            u = res.x
         self.n_iter_ = len(self.history_)
         # judged on the gradient, like the other solvers: scipy also stops when
         # the objective no longer decreases, which float32 data reach first
@@ -444,13 +527,13 @@ class _LinearModel(BaseEstimator):
         """
         multinomial = self._family == "multinomial"
         f, g, H, sec = evaluate(theta, hessian=not multinomial)
-        passes, seconds = 1, sec
+        passes, seconds = evaluate.runs, sec
         setup = evaluate.fista_setup  # set by the first evaluation
         W, lam, mask = setup["weight"], setup["lam"], setup["mask"]
         l1 = setup["lam1"] / W
         if multinomial:
             G, sec = setup["gram"]()
-            passes, seconds = passes + 1, seconds + sec
+            passes, seconds = passes + evaluate.runs, seconds + sec
             L = 0.5 * float(np.linalg.eigvalsh(G)[-1]) + lam / W
         else:
             L = float(np.linalg.eigvalsh(H)[-1])
@@ -479,7 +562,7 @@ class _LinearModel(BaseEstimator):
                 t = t_next
             x = x_next
             f, g, _, sec = evaluate(y)
-            passes, seconds = passes + 1, seconds + sec
+            passes, seconds = passes + evaluate.runs, seconds + sec
             objective = f + l1 * float(np.abs(y[pen]).sum())
             self._record(objective, mapping, 1.0 / L, seconds, passes, bar)
             passes, seconds = 0, 0.0
@@ -499,7 +582,7 @@ class _LinearModel(BaseEstimator):
         """
         hessian = self._family != "multinomial"
         f, g, H, sec = evaluate(theta, hessian=hessian)
-        passes, seconds = 1, sec
+        passes, seconds = evaluate.runs, sec
         eta = 1.0 / max(float(np.linalg.eigvalsh(H)[-1]), 1e-12) if hessian else 1.0
         recent = [f]
         for _ in range(self.max_iter):
@@ -508,7 +591,7 @@ class _LinearModel(BaseEstimator):
             for _ in range(30):
                 candidate = theta - eta * g
                 f_new, g_new, _, sec = evaluate(candidate)
-                passes, seconds = passes + 1, seconds + sec
+                passes, seconds = passes + evaluate.runs, seconds + sec
                 if f_new <= max(recent) - 1e-4 * eta * float(g @ g):
                     break
                 eta *= 0.5
@@ -536,13 +619,16 @@ class _LinearModel(BaseEstimator):
         precision allows no more).
         """
         f, g, H, sec = evaluate(theta, hessian=True)
-        passes, seconds = 1, sec
+        if evaluate.unsafe(H):
+            return self._lbfgs(evaluate, theta, bar, start=(f, g, sec, evaluate.runs))
+        passes, seconds = evaluate.runs, sec
+        exact = evaluate.precise  # g in float64 (float32 data's first passes are not)
         try:
             factor = np.linalg.cholesky(H)
-        except np.linalg.LinAlgError:  # singular: collinear or constant features
+        except np.linalg.LinAlgError:  # singular: collinear features
             factor = None
         for _ in range(self.max_iter):
-            if evaluate.small(g):
+            if evaluate.small(g) or not np.isfinite(g).all():
                 break
             if factor is not None:
                 direction = -np.linalg.solve(factor.T, np.linalg.solve(factor, g))
@@ -550,15 +636,17 @@ class _LinearModel(BaseEstimator):
                 direction = -np.linalg.lstsq(H, g, rcond=None)[0]
             candidate = theta + direction
             f_new, g_new, _, sec = evaluate(candidate)
-            passes, seconds = passes + 1, seconds + sec
+            passes, seconds = passes + evaluate.runs, seconds + sec
             before, after = float(np.abs(g).max()), float(np.abs(g_new).max())
-            if after > before and f_new >= f:
+            if exact and after > before and f_new >= f:
                 break  # rounding only: keep the point
             theta, f, g = candidate, f_new, g_new
             self._record(f, g, float(np.abs(direction).max()), seconds, passes, bar)
             passes, seconds = 0, 0.0
-            if after > 0.5 * before:
+            if exact and after > 0.5 * before:
                 break  # at the data's precision: one more step gains nothing
+            # (a step from a float32 gradient is as good as that gradient: go on)
+            exact = evaluate.precise
         self.converged_ = evaluate.small(g)
         self.n_iter_ = len(self.history_)
         return theta
@@ -568,7 +656,9 @@ class _LinearModel(BaseEstimator):
         if self._family == "squared":
             return self._refine(evaluate, theta, bar)
         f, g, H, sec = evaluate(theta, hessian=True)
-        passes, seconds = 1, sec
+        if evaluate.unsafe(H):
+            return self._lbfgs(evaluate, theta, bar, start=(f, g, sec, evaluate.runs))
+        passes, seconds = evaluate.runs, sec
         for _ in range(self.max_iter):
             if evaluate.small(g):
                 break
@@ -582,7 +672,7 @@ class _LinearModel(BaseEstimator):
             for _ in range(8):  # backtracking: each trial point is one pass
                 candidate = theta + step * direction
                 f_new, g_new, H_new, sec = evaluate(candidate, hessian=True)
-                passes, seconds = passes + 1, seconds + sec
+                passes, seconds = passes + evaluate.runs, seconds + sec
                 if f_new <= f + 1e-4 * step * float(g @ direction) or (
                         abs(f_new - f) <= floor and float(np.abs(g_new).max()) < g_max):
                     # (within the objective's rounding, a smaller gradient is the progress
@@ -594,7 +684,7 @@ class _LinearModel(BaseEstimator):
                 # a Hessian from a sample of the rows can miss a direction the data barely
                 # vary in: go on with the whole Hessian
                 f, g, H, sec = evaluate(theta, hessian=True)
-                passes, seconds = passes + 1, seconds + sec
+                passes, seconds = passes + evaluate.runs, seconds + sec
                 continue
             if not accepted or (f - f_new <= floor
                                 and float(np.abs(g_new).max()) > 0.5 * g_max):
@@ -655,17 +745,26 @@ class LinearRegression(RegressorMixin, LinearRegressorMixin, _LinearModel):
 
     Notes
     -----
-    Newton costs two passes in all on float64 data (three on float32);
-    L-BFGS one pass per function evaluation. L-BFGS works in the units above
-    (on standardised parameters), so badly scaled data do not stall its line
-    search; "gd" does not, and needs features of similar scale.
+    Newton costs two passes in all on float64 data (three to five on float32,
+    whose first passes compute in float32); L-BFGS one pass per function
+    evaluation. L-BFGS works in the units above (on standardised
+    parameters), so badly scaled data do not stall its line search; "gd"
+    does not, and needs features of similar scale. Where a feature's squares
+    leave the normal range of ``X``'s dtype (float32 beyond about 1e18 or
+    below 1e-16), the Hessian's products overflow or lose their digits:
+    Newton then hands over to L-BFGS.
 
     Data far from the origin (some feature's mean beyond 10 standard
     deviations: float32 data around 1e4, say) lose their spread in
     ``X^T X`` at any float precision. With ``fit_intercept=True`` the first
-    pass sees it, and the fit then works on ``X - mean`` (one more pass,
-    the subtraction in every later one); ``intercept_`` is that of ``X``.
-    Without an intercept the problem itself is ill-conditioned there.
+    pass sees it (the data's statistics come with it), and the fit then
+    works on ``X - mean`` (one more pass, the subtraction in every later
+    one; ``history_``'s gradients and steps are those of that problem);
+    ``intercept_`` is that of ``X``, and predictions subtract the same mean.
+    A ``y`` far from 0 likewise: the fit is of ``y - mean``. Without an
+    intercept the problem itself is ill-conditioned there. A constant
+    feature, collinear with the intercept, gets coefficient 0, as
+    scikit-learn's centring gives it.
     """
 
     _family = "squared"
@@ -782,7 +881,8 @@ class LogisticRegression(ClassifierMixin, LinearClassifierMixin, _LinearModel):
     row. Near the optimum the sampled Hessian makes convergence linear, at a
     rate of about ``sqrt(p / m)`` per iteration for ``m`` sampled rows; when
     no step along its direction lowers the objective, Newton goes on with the
-    whole Hessian.
+    whole Hessian. Data far from the origin, constant features and features
+    whose squares leave float range are handled as in :class:`LinearRegression`.
     """
 
     def __init__(self, penalty: str | None = "l2", *, C: float = 1.0, l1_ratio: float | None = None,

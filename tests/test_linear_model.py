@@ -436,7 +436,7 @@ def test_far_from_the_origin_costs_one_more_pass(far):
     assert LinearRegression().fit(far["B"] + 5.0, far["reg"]).n_passes_ == 2
 
 
-def test_glm_kernel_shift_moves_the_intercept_and_sums_the_moments():
+def test_glm_kernel_shift_moves_the_intercept_and_sums_y_moments():
     rng = np.random.default_rng(3)
     X = rng.standard_normal((3000, 3)) + [5.0, -2.0, 0.0]
     y = (rng.random(3000) < 0.4).astype(np.int8)
@@ -447,20 +447,96 @@ def test_glm_kernel_shift_moves_the_intercept_and_sums_the_moments():
     moved[-1] += shift @ theta[:3]  # the same decision values on X - shift
     kw = dict(y=y, family="binomial", fit_intercept=True, hessian=True)
     plain = glm_partial(X, w, 0, theta=theta, **kw)
-    part = glm_partial(X, w, 0, theta=moved, shift=shift, moments=True, **kw)
+    part = glm_partial(X, w, 0, theta=moved, shift=shift, **kw)
     assert part.loss == pytest.approx(plain.loss, rel=1e-12)
-    Xs = X - shift
     D = plain.grad[-1]  # sum of w dloss/dz, the same at the same decision values
     assert part.grad[-1] == pytest.approx(D, rel=1e-12)
     assert_allclose(part.grad[:3], plain.grad[:3] - shift * D, rtol=1e-10, atol=1e-10)
-    assert_allclose(part.moments, [w @ Xs, w @ Xs**2], rtol=1e-12)
-    assert plain.moments is None
     J = np.eye(4)
-    J[3, :3] = -shift  # d(theta on X)/d(theta on X - shift) ... as a change of variables
+    J[3, :3] = -shift  # the change of variables from theta on X - shift to theta on X
     assert_allclose(part.hess, J.T @ plain.hess @ J, rtol=1e-9, atol=1e-9)
+    assert plain.y_moments is None
 
 
-@pytest.mark.parametrize("factor", [1e-20, 1e20])
+def test_y_moments_merge_exactly_far_from_zero():
+    from dmlkit._kernels.glm import combine_glm
+
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((5000, 2))
+    y = 1e9 + rng.standard_normal(5000)
+    w = rng.uniform(0.5, 2.0, 5000)
+    kw = dict(family="squared", fit_intercept=True, theta=np.zeros(3), y_moments=True)
+    parts = [glm_partial(X[a:b], w[a:b], a, y=y[a:b], **kw)
+             for a, b in [(0, 1000), (1000, 1001), (1001, 5000)]]
+    weight, total, m2 = combine_glm(combine_glm(parts[0], parts[1]), parts[2]).y_moments
+    mean = np.average(y, weights=w)
+    assert weight == pytest.approx(w.sum()) and total / weight == pytest.approx(mean, rel=1e-15)
+    assert m2 == pytest.approx(w @ (y - mean) ** 2, rel=1e-7)  # (raw sums of squares: off by more than m2)
+
+
+def test_constant_features_get_coefficient_zero_as_in_sklearn(far):
+    """A constant feature is collinear with the intercept; scikit-learn's centring gives it 0."""
+    X = np.column_stack([far["B"], np.full(5000, 0.1)])
+    for dtype in [np.float64, np.float32]:
+        Xt = X.astype(dtype)
+        for solver in ["newton", "lbfgs", "gd"]:
+            ours = LinearRegression(solver=solver, max_iter=500).fit(Xt, far["reg"])
+            ref = sk.LinearRegression().fit(Xt.astype(np.float64), far["reg"])
+            assert ours.converged_ and ours.coef_[-1] == 0.0
+            assert_allclose(ours.coef_, ref.coef_, rtol=1e-6, atol=1e-9)
+            assert ours.intercept_ == pytest.approx(ref.intercept_, rel=1e-7)
+        log = LogisticRegression(penalty=None, tol=1e-8).fit(Xt, far["binary"])
+        assert log.converged_ and log.coef_[0, -1] == 0.0
+        ref = sk.LogisticRegression(penalty=None, solver="lbfgs", tol=1e-12, max_iter=1000).fit(
+            Xt[:, :4].astype(np.float64), far["binary"])
+        assert_allclose(log.predict_proba(Xt), ref.predict_proba(Xt[:, :4]), atol=1e-6)
+    # also when the other features are far from the origin (the fit then shifts)
+    ours = LinearRegression().fit(np.column_stack([far["B"] + 1e6, np.ones(5000)]), far["reg"])
+    assert ours.converged_ and ours.coef_[-1] == 0.0
+
+
+def test_y_far_from_zero_still_meets_tol(far):
+    """tol is relative to y's standard deviation, computed exactly about its mean."""
+    y = far["reg"] + 1e7
+    for dtype in [np.float64, np.float32]:
+        X = far["B"].astype(dtype)
+        ref = sk.LinearRegression().fit(X.astype(np.float64), y)
+        for solver in ["newton", "lbfgs"]:
+            ours = LinearRegression(solver=solver).fit(X, y)
+            assert ours.converged_
+            assert_allclose(ours.coef_, ref.coef_, rtol=1e-8)
+
+
+@pytest.mark.parametrize("factor", [1e19, 1e-23])
+def test_newton_hands_over_to_lbfgs_where_float32_squares_leave_their_range(far, factor):
+    X = (far["B"] * factor).astype(np.float32)
+    ref = sk.LinearRegression().fit(X.astype(np.float64), far["reg"])
+    ours = LinearRegression(solver="newton").fit(X, far["reg"])
+    assert ours.converged_
+    assert_allclose(ours.coef_ * factor, ref.coef_ * factor, rtol=1e-6)
+    assert ours.n_passes_ == sum(h["passes"] for h in ours.history_)
+
+
+@pytest.mark.parametrize("cls,target", [(LinearRegression, "reg"), (LogisticRegression, "binary")])
+def test_history_counts_the_shifting_pass(far, cls, target):
+    for solver in ["newton", "lbfgs"]:
+        m = cls(solver=solver).fit(far["B"] + 1e8, far[target])
+        assert m.n_passes_ == sum(h["passes"] for h in m.history_)
+
+
+def test_predictions_far_from_the_origin_keep_their_digits(far):
+    X = (far["B"] + 1e4).astype(np.float32)
+    ours = LinearRegression().fit(X, far["reg"])
+    exact = X.astype(np.float64)
+    ref = sk.LinearRegression().fit(exact - exact.mean(axis=0), far["reg"])
+    assert_allclose(ours.predict(X), ref.predict(exact - exact.mean(axis=0)), atol=1e-6)
+    import dask.array as da
+
+    lazy = ours.predict(da.from_array(X, chunks=(1000, 4))).compute()
+    assert_allclose(lazy, ours.predict(X), atol=1e-9)
+
+
+@pytest.mark.parametrize("factor", [1e-20, 1e-4, 1e6, 1e20])
 def test_least_squares_tol_is_relative_to_the_scale_of_y_and_x(far, factor):
     """tol is that of the standardised problem: y (or X) in other units, the same fit."""
     ref = LinearRegression().fit(far["B"], far["reg"])

@@ -34,21 +34,40 @@ HESSIAN_RUN = 1024
 class GLMPartial(NamedTuple):
     """Sums over rows: ``loss`` (float), ``grad`` (p,), ``hess`` (p, p) or None, ``weight``
     (float), ``hess_weight``, the weight of the rows the Hessian sums over (all of them,
-    or a sample: see :func:`glm_partial`), and ``moments`` (2, n_features) or None: the
-    weighted sums of ``x - shift`` and of its square, per feature."""
+    or a sample: see :func:`glm_partial`), and ``y_moments`` or None: ``y``'s weight, weighted
+    sum and weighted sum of squared deviations from its mean (merged by Chan et al.'s
+    formula, exact for a ``y`` far from 0)."""
 
     loss: float
     grad: np.ndarray
     hess: np.ndarray | None
     weight: float
     hess_weight: float = 0.0
-    moments: np.ndarray | None = None
+    y_moments: tuple | None = None
+
+
+def _merge_moments(a: tuple, b: tuple) -> tuple:
+    """``(weight, sum, m2)`` of two row sets: Chan et al.'s pairwise update."""
+    weight = a[0] + b[0]
+    if a[0] == 0 or b[0] == 0:
+        return weight, a[1] + b[1], a[2] + b[2]
+    delta = b[1] / b[0] - a[1] / a[0]
+    return weight, a[1] + b[1], a[2] + b[2] + delta * delta * (a[0] * b[0] / weight)
+
+
+def _y_moments(y: np.ndarray, w: np.ndarray) -> tuple:
+    weight = float(w.sum())
+    if weight == 0:
+        return 0.0, 0.0, 0.0
+    total = float(w @ y)
+    dev = y - total / weight
+    return weight, total, float(w @ (dev * dev))
 
 
 def combine_glm(a: GLMPartial, b: GLMPartial) -> GLMPartial:
-    """Associative merge: everything is a sum."""
+    """Associative merge: sums (``y_moments`` by Chan et al.'s update)."""
     hess = None if a.hess is None else a.hess + b.hess
-    moments = None if a.moments is None else a.moments + b.moments
+    moments = None if a.y_moments is None else _merge_moments(a.y_moments, b.y_moments)
     return GLMPartial(a.loss + b.loss, a.grad + b.grad, hess, a.weight + b.weight,
                       a.hess_weight + b.hess_weight, moments)
 
@@ -202,7 +221,7 @@ def glm_partial(
     X: np.ndarray, w: np.ndarray | None, offset: int, *, y: np.ndarray, theta: np.ndarray,
     family: str, fit_intercept: bool, n_classes: int = 2, hessian: bool = False,
     epsilon: float = 1.35, precise: bool = False, hessian_every: int = 1,
-    shift: np.ndarray | None = None, moments: bool = False,
+    shift: np.ndarray | None = None, y_shift: float = 0.0, y_moments: bool = False,
 ) -> GLMPartial:
     """Weighted sums of pointwise loss, gradient and optionally Hessian over a block.
 
@@ -246,12 +265,18 @@ def glm_partial(
         from the origin, where ``X^T X`` in any float precision has lost the
         data's spread, the caller shifts by the mean (see
         ``dmlkit.linear_model``).
-    moments : bool, default=False
-        Also return the weighted sums of ``X - shift`` and of its square, per
-        feature (every row).
+    y_shift : float, default=0.0
+        ``"squared"`` and ``"huber"``: fit ``y - y_shift`` (the caller's
+        intercept absorbs it), so that residuals of a ``y`` far from 0 are
+        not differences of large numbers.
+    y_moments : bool, default=False
+        Also return ``y``'s weighted moments (``GLMPartial.y_moments``), in
+        float64 about the block's mean.
     """
     if family not in FAMILIES:
         raise ValueError(f"family={family!r} should be one of {FAMILIES}")
+    if y_shift and family not in ("squared", "huber"):
+        raise ValueError(f"y_shift is for the regression families, not family={family!r}")
     if hessian and n_outputs(family, n_classes) > 1 or hessian and family == "hinge":
         raise ValueError(f"hessian=True is not available for family={family!r}")
     X = _as_float(X)
@@ -279,19 +304,16 @@ def glm_partial(
         if shift.shape != (d,):
             raise ValueError(f"shift has shape {shift.shape}; expected ({d},)")
         shifted = np.empty((min(n, step), d), dtype=X.dtype)
-    sums = np.zeros((2, d)) if moments else None
     sample = hessian_sample(int(offset), n, int(hessian_every)) if hessian else None
     hess_weight = weight if sample is None else float(sum(wf[a:b].sum() for a, b in sample))
     at = 0  # the first sampled run not behind the current sub-block
     for s in range(0, n, step):
         Xb, yb = X[s : s + step], y[s : s + step]
+        if y_shift:
+            yb = yb - y_shift
         wb = None if w is None else wf[s : s + step]
         if shift is not None:
             Xb = np.subtract(Xb, shift, out=shifted[: Xb.shape[0]])
-        if sums is not None:
-            vb = np.ones(Xb.shape[0], X.dtype) if wb is None else wb.astype(X.dtype)
-            sums[0] += vb @ Xb
-            sums[1] += vb @ np.square(Xb)
         if wide is not None:
             Xw = wide[: Xb.shape[0]]
             np.copyto(Xw, Xb)
@@ -320,4 +342,5 @@ def glm_partial(
                     c = pointwise(Z[a:b], yb[a:b], None if wb is None else wb[a:b], family,
                                   epsilon)[2]
                     hess += _gram(Xb[a:b], c, fit_intercept)
-    return GLMPartial(loss, grad, hess, weight, hess_weight if hessian else 0.0, sums)
+    moments = _y_moments(np.asarray(y, dtype=np.float64), wf) if y_moments else None
+    return GLMPartial(loss, grad, hess, weight, hess_weight if hessian else 0.0, moments)
