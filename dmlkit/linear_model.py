@@ -75,8 +75,9 @@ def _class_weight_block(y, classes, table):
 def _linear_block(X, coef, intercept, center=None):
     X = X if X.dtype.kind == "f" else X.astype(np.float64)
     if center is not None:  # data far from the origin: the product of X - center, smaller
-        X = X - center.astype(X.dtype)
-        intercept = intercept + coef @ center
+        c = center.astype(X.dtype)
+        X = X - c
+        intercept = intercept + coef @ c.astype(np.float64)
     return (X @ coef.T.astype(X.dtype)).astype(np.float64) + intercept
 
 
@@ -122,6 +123,49 @@ def _squared_units(y_moments, mean, var, constant, fit_intercept: bool):
     s_y = float(s_y) if np.isfinite(s_y) and s_y > 0 else 1.0
     s_x = np.where(np.isfinite(s_x) & (s_x > 0), s_x, 1.0)
     return s_y, (np.append(s_x, 1.0) if fit_intercept else s_x)
+
+
+class _NewtonSolve:
+    """Solves ``H d = -g`` for Newton's direction, safe where ``H`` is (nearly) singular.
+
+    Cholesky on ``H`` scaled to a unit diagonal; where a pivot falls below
+    ``cutoff`` of its diagonal entry (collinear features: duplicated columns,
+    say, whose Hessian float rounding leaves barely positive definite), a
+    pseudo-inverse from the scaled ``H``'s eigenvalues instead, those below
+    ``cutoff`` times the largest taken as 0: the minimum-norm step, which leaves
+    the collinear directions alone.
+    """
+
+    def __init__(self, H: np.ndarray, cutoff: float):
+        d = np.sqrt(np.maximum(np.diag(H), 0.0))
+        self.scale = np.where(d > 0, 1.0 / np.where(d > 0, d, 1.0), 0.0)
+        Hs = H * np.outer(self.scale, self.scale)
+        self.factor, self.eig = None, None
+        try:
+            L = np.linalg.cholesky(Hs)
+            if float(np.min(np.diag(L)) ** 2) > cutoff:
+                self.factor = L
+        except np.linalg.LinAlgError:
+            pass
+        if self.factor is None:
+            vals, vecs = np.linalg.eigh(Hs)
+            keep = vals > cutoff * max(float(vals[-1]), 0.0)
+            self.eig = (vals[keep], vecs[:, keep])
+
+    def __call__(self, g: np.ndarray) -> np.ndarray:
+        gs = g * self.scale
+        if self.factor is not None:
+            x = np.linalg.solve(self.factor.T, np.linalg.solve(self.factor, gs))
+        else:
+            vals, vecs = self.eig
+            x = vecs @ ((vecs.T @ gs) / vals)
+        return -x * self.scale
+
+
+def _newton_cutoff(dtype) -> float:
+    """Below this (relative) an eigenvalue of the unit-diagonal Hessian is rounding: its
+    products are in X's dtype (float32 Hessians are good to a few 1e-7)."""
+    return max(1e-10, 100.0 * float(np.finfo(dtype).eps))
 
 
 def hessian_every(family: str, n_rows: int, n_params: int) -> int:
@@ -413,10 +457,21 @@ class _LinearModel(BaseEstimator):
             return bool(big.any() or small.any() or not np.isfinite(sq).all()
                         or (H is not None and not np.isfinite(H).all()))
 
+        def refuse_unsafe(H, name: str) -> None:
+            """gd and FISTA take their step from the Hessian's largest eigenvalue: where the
+            Hessian cannot be trusted (see ``unsafe``), a clear error."""
+            if unsafe(H):
+                raise ValueError(
+                    f"solver={name!r}: X's squares overflow or underflow {dtype} (features "
+                    f"of root mean square beyond about 1e15 or below 1e-16), so the step size "
+                    "cannot be bounded; scale X (dmlkit.StandardScaler) or use solver='lbfgs'")
+
         evaluate.small = small
         evaluate.units = units
         evaluate.unsafe = unsafe
+        evaluate.refuse_unsafe = refuse_unsafe
         evaluate.precise_now = lambda: precise["on"]
+        evaluate.cutoff = _newton_cutoff(dtype)
         evaluate.whole_hessian = whole_hessian
 
         theta = np.zeros(p)
@@ -427,7 +482,7 @@ class _LinearModel(BaseEstimator):
         finally:
             bar.close()
         self.n_passes_ = passes.count
-        self._center = None if state["shift"] is None else state["shift"].astype(np.float64)
+        center = None if state["shift"] is None else state["shift"].astype(np.float64)
         if state["shift"] is not None or state["y_shift"]:
             # back from X - shift and y - y_shift to X and y: the intercept takes both
             theta = theta.copy()
@@ -445,6 +500,7 @@ class _LinearModel(BaseEstimator):
                 fix = "tol is below what this data's precision allows; increase it"
             warnings.warn(f"{type(self).__name__} {why} (solver={solver!r}, tol={self.tol}); {fix}",
                           ConvergenceWarning, stacklevel=3)
+        self._center = center  # (with the coefficients: a warning raised as an error stops both)
         return theta
 
     def _record(self, f, g, step, seconds, passes, bar):
@@ -462,16 +518,17 @@ class _LinearModel(BaseEstimator):
         one ``tol`` is compared with, so that scipy's ``gtol`` is ``tol`` and its line
         search and ``ftol`` see a problem of unit scale whatever the data's units.
         """
-        if start is None:  # (Newton hands over its first evaluation when it cannot go on)
+        if start is None:  # (Newton hands over its last evaluation when it cannot go on)
             f0, g0, _, sec0 = evaluate(theta)  # the first pass, which sets the units
             start = (f0, g0, sec0, evaluate.runs)
         s_y, s = evaluate.units()
         to_theta, f_unit = s_y / s, s_y * s_y
+        u0 = theta / to_theta
         last = {"theta": theta, "g": start[1], "passes": 0, "seconds": 0.0, "start": start}
 
         def fun(u):
             start, last["start"] = last["start"], None
-            if start is not None and not u.any():  # scipy's first call: the start
+            if start is not None and np.array_equal(u, u0):  # scipy's first call: the start
                 f, g, sec, runs = start
             else:
                 f, g, _, sec = evaluate(u * to_theta)
@@ -489,7 +546,7 @@ class _LinearModel(BaseEstimator):
                          last["seconds"], last["passes"], bar)
             last["passes"], last["seconds"] = 0, 0.0
 
-        u, done = theta * 0.0, len(self.history_)
+        u, done = u0, len(self.history_)
         for _ in range(2):
             was_precise = evaluate.precise_now()
             res = minimize(fun, u, jac=True, method="L-BFGS-B", callback=callback,
@@ -527,13 +584,14 @@ class _LinearModel(BaseEstimator):
         """
         multinomial = self._family == "multinomial"
         f, g, H, sec = evaluate(theta, hessian=not multinomial)
+        evaluate.refuse_unsafe(H, "fista")
         passes, seconds = evaluate.runs, sec
         setup = evaluate.fista_setup  # set by the first evaluation
         W, lam, mask = setup["weight"], setup["lam"], setup["mask"]
         l1 = setup["lam1"] / W
         if multinomial:
             G, sec = setup["gram"]()
-            passes, seconds = passes + evaluate.runs, seconds + sec
+            passes, seconds = passes + 1, seconds + sec
             L = 0.5 * float(np.linalg.eigvalsh(G)[-1]) + lam / W
         else:
             L = float(np.linalg.eigvalsh(H)[-1])
@@ -582,6 +640,7 @@ class _LinearModel(BaseEstimator):
         """
         hessian = self._family != "multinomial"
         f, g, H, sec = evaluate(theta, hessian=hessian)
+        evaluate.refuse_unsafe(H, "gd")
         passes, seconds = evaluate.runs, sec
         eta = 1.0 / max(float(np.linalg.eigvalsh(H)[-1]), 1e-12) if hessian else 1.0
         recent = [f]
@@ -615,36 +674,38 @@ class _LinearModel(BaseEstimator):
         pass only evaluates the gradient at the new point, and a step solves
         with the same Hessian (iterative refinement: each pass gains the
         digits that rounding took from the last). Stops when the gradient
-        meets ``tol``, or when a step no longer halves it (the data's
-        precision allows no more).
+        meets ``tol``. Where a step raises the objective, or stops halving a
+        gradient computed in float64 short of ``tol`` (a Hessian whose float32
+        products are too coarse for the problem's conditioning), L-BFGS goes on
+        from the best point.
         """
         f, g, H, sec = evaluate(theta, hessian=True)
         if evaluate.unsafe(H):
             return self._lbfgs(evaluate, theta, bar, start=(f, g, sec, evaluate.runs))
         passes, seconds = evaluate.runs, sec
         exact = evaluate.precise  # g in float64 (float32 data's first passes are not)
-        try:
-            factor = np.linalg.cholesky(H)
-        except np.linalg.LinAlgError:  # singular: collinear features
-            factor = None
+        solve = _NewtonSolve(H, evaluate.cutoff)
         for _ in range(self.max_iter):
             if evaluate.small(g) or not np.isfinite(g).all():
                 break
-            if factor is not None:
-                direction = -np.linalg.solve(factor.T, np.linalg.solve(factor, g))
-            else:
-                direction = -np.linalg.lstsq(H, g, rcond=None)[0]
+            direction = solve(g)
             candidate = theta + direction
             f_new, g_new, _, sec = evaluate(candidate)
             passes, seconds = passes + evaluate.runs, seconds + sec
             before, after = float(np.abs(g).max()), float(np.abs(g_new).max())
-            if exact and after > before and f_new >= f:
-                break  # rounding only: keep the point
+            if not f_new <= f + 1e-6 * abs(f) or (exact and after > 0.5 * before):
+                # worse, or no better, than rounding allows: if the point is not done,
+                # the Hessian is not good enough for this problem
+                if f_new < f:
+                    theta, f, g = candidate, f_new, g_new
+                    self._record(f, g, float(np.abs(direction).max()), seconds, passes, bar)
+                    passes, seconds = 0, 0.0
+                if evaluate.small(g) or len(self.history_) >= self.max_iter:
+                    break
+                return self._lbfgs(evaluate, theta, bar, start=(f, g, seconds, passes))
             theta, f, g = candidate, f_new, g_new
             self._record(f, g, float(np.abs(direction).max()), seconds, passes, bar)
             passes, seconds = 0, 0.0
-            if exact and after > 0.5 * before:
-                break  # at the data's precision: one more step gains nothing
             # (a step from a float32 gradient is as good as that gradient: go on)
             exact = evaluate.precise
         self.converged_ = evaluate.small(g)
@@ -662,10 +723,7 @@ class _LinearModel(BaseEstimator):
         for _ in range(self.max_iter):
             if evaluate.small(g):
                 break
-            try:
-                direction = -np.linalg.solve(H, g)
-            except np.linalg.LinAlgError:
-                direction = -np.linalg.lstsq(H, g, rcond=None)[0]
+            direction = _NewtonSolve(H, evaluate.cutoff)(g)
             step, accepted = 1.0, False
             floor = 4 * np.finfo(float).eps * abs(f)  # the objective's rounding
             g_max = float(np.abs(g).max())
@@ -749,10 +807,13 @@ class LinearRegression(RegressorMixin, LinearRegressorMixin, _LinearModel):
     whose first passes compute in float32); L-BFGS one pass per function
     evaluation. L-BFGS works in the units above (on standardised
     parameters), so badly scaled data do not stall its line search; "gd"
-    does not, and needs features of similar scale. Where a feature's squares
-    leave the normal range of ``X``'s dtype (float32 beyond about 1e18 or
-    below 1e-16), the Hessian's products overflow or lose their digits:
-    Newton then hands over to L-BFGS.
+    does not, and needs features of similar scale. Where a feature's squares,
+    summed over the rows, leave the normal range of ``X``'s dtype (float32
+    values beyond about 1e15 for a million rows, or below 1e-16), the
+    Hessian's products overflow or lose their digits: Newton then hands over
+    to L-BFGS, and "gd" raises an error (scale X first). Newton solves for
+    the minimum-norm step where the Hessian is singular to its precision
+    (collinear features), and hands over to L-BFGS if its steps stop helping.
 
     Data far from the origin (some feature's mean beyond 10 standard
     deviations: float32 data around 1e4, say) lose their spread in
@@ -881,8 +942,10 @@ class LogisticRegression(ClassifierMixin, LinearClassifierMixin, _LinearModel):
     row. Near the optimum the sampled Hessian makes convergence linear, at a
     rate of about ``sqrt(p / m)`` per iteration for ``m`` sampled rows; when
     no step along its direction lowers the objective, Newton goes on with the
-    whole Hessian. Data far from the origin, constant features and features
-    whose squares leave float range are handled as in :class:`LinearRegression`.
+    whole Hessian. Data far from the origin, constant features, collinear
+    features and features whose squares leave float range are handled as in
+    :class:`LinearRegression` (``tol`` stays absolute here, as in
+    scikit-learn: on features of order 1e-20 it is met at once).
     """
 
     def __init__(self, penalty: str | None = "l2", *, C: float = 1.0, l1_ratio: float | None = None,

@@ -564,3 +564,47 @@ def test_least_squares_on_float32_reaches_the_default_tol(far):
     ref = sk.LinearRegression().fit(X.astype(np.float64), far["reg"])
     assert ours.converged_ and ours.n_passes_ <= 4
     assert_allclose(ours.coef_, ref.coef_, rtol=1e-9)
+
+
+def test_duplicated_columns_get_the_minimum_norm_step(far):
+    """A duplicated column makes the Hessian singular (barely positive definite after
+    float32 rounding): Newton takes the minimum-norm step, as scikit-learn's lstsq."""
+    X = np.column_stack([far["B"], far["B"][:, 0]])
+    for dtype in [np.float64, np.float32]:
+        Xt = X.astype(dtype)
+        ours = LinearRegression(solver="newton").fit(Xt, far["reg"])
+        ref = sk.LinearRegression().fit(Xt.astype(np.float64), far["reg"])
+        assert ours.converged_
+        assert_allclose(ours.coef_, ref.coef_, rtol=1e-6, atol=1e-9)
+        assert ours.coef_[0] == pytest.approx(ours.coef_[-1], rel=1e-6)
+        log = LogisticRegression(penalty=None, solver="newton", tol=1e-8).fit(Xt, far["binary"])
+        ref = sk.LogisticRegression(penalty=None, tol=1e-12, max_iter=1000).fit(
+            Xt[:, :4].astype(np.float64), far["binary"])
+        assert log.converged_ and log.coef_[0, 0] == pytest.approx(log.coef_[0, -1], rel=1e-6)
+        assert_allclose(log.predict_proba(Xt), ref.predict_proba(Xt[:, :4]), atol=1e-6)
+
+
+@pytest.mark.parametrize("solver,penalty", [("gd", "l2"), ("auto", "l1")])
+def test_step_size_solvers_refuse_squares_out_of_float32_range(far, solver, penalty):
+    X = (far["B"] * 1e19).astype(np.float32)
+    with pytest.raises(ValueError, match=f"solver='{'fista' if penalty == 'l1' else solver}'.*"
+                                         "overflow or underflow float32.*solver='lbfgs'"):
+        LogisticRegression(solver=solver, penalty=penalty).fit(X, far["binary"])
+
+
+def test_fista_multinomial_far_from_the_origin_counts_its_passes(far):
+    y = np.digitize(far["B"][:, 0], [-0.5, 0.5])
+    m = LogisticRegression(penalty="l1", max_iter=20).fit(far["B"] + 1e6, y)
+    assert m.n_passes_ == sum(h["passes"] for h in m.history_)
+
+
+def test_a_refit_stopped_by_its_warning_keeps_the_last_fit_whole(far):
+    m = LinearRegression().fit(far["B"] + 1e6, far["reg"])
+    wide = np.column_stack([far["B"], far["B"][:, :1] ** 2]) + 1e6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        with pytest.raises(ConvergenceWarning):
+            m.set_params(solver="gd", max_iter=1).fit(wide, far["reg"])
+    assert m.coef_.shape == (4,)
+    assert_allclose(m.predict(far["B"][:3] + 1e6),
+                    LinearRegression().fit(far["B"] + 1e6, far["reg"]).predict(far["B"][:3] + 1e6))
