@@ -88,6 +88,46 @@ def _first_found(a, b):
     return a if a is not None else b
 
 
+#: ``eta0="auto"`` warns when its sample shows a feature's mean beyond 10 standard deviations
+#: (with an intercept) or features whose spreads differ by more than this factor.
+SCALE_SPREAD = 1e3
+
+
+def _badly_scaled(gram: np.ndarray, m: int, fit_intercept: bool) -> str | None:
+    """What makes SGD crawl on this sample (from :func:`_curvature_sample`), or None.
+
+    SGD's step is bounded by the largest curvature: along directions whose
+    curvature is much smaller (features of smaller spread; with an intercept,
+    the spread of data far from the origin, dwarfed by the mean), it barely
+    moves. Only features that vary in the sample count.
+    """
+    if m < 2:
+        return None
+    d = gram.shape[0] - int(fit_intercept)
+    second = np.diag(gram)[:d] / m
+    if fit_intercept:
+        mean = gram[:d, d] / m
+        var = np.maximum(second - mean * mean, 0.0)
+    else:
+        mean, var = np.zeros(d), second
+    varies = var > (1e-6 * np.abs(mean)) ** 2
+    if not varies.any():
+        return None
+    std = np.sqrt(var)
+    far = varies & (mean * mean > 100.0 * var)
+    if far.any():
+        j = int(np.flatnonzero(far)[np.argmax(np.abs(mean[far]) / std[far])])
+        return (f"feature {j} sits far from the origin (mean {mean[j]:.3g}, standard deviation "
+                f"{std[j]:.3g})")
+    # (the intercept's column of ones is a direction too, of spread 1)
+    spread = np.append(std[varies], 1.0) if fit_intercept else std[varies]
+    if spread.max() > SCALE_SPREAD * spread.min():
+        return (f"the features' spreads differ by a factor of {spread.max() / spread.min():.3g} "
+                f"(standard deviations from {spread.min():.3g} to {spread.max():.3g}"
+                + (", the intercept's column of ones counting as 1)" if fit_intercept else ")"))
+    return None
+
+
 def _curvature_bound(gram: np.ndarray, m: int, family: str) -> float:
     """An estimate of the largest curvature of the mean loss, from a sample's Gram matrix.
 
@@ -211,6 +251,12 @@ class _BaseSGD(BaseEstimator):
             sample, = _graph.compute(dask.delayed(_curvature_sample, pure=True)(
                 blocks.X.blocks[first], int(blocks.offsets[first]), self._seed,
                 self._rows_seen, self.shuffle, self.fit_intercept))
+        why = _badly_scaled(*sample, self.fit_intercept)
+        if why is not None:
+            warnings.warn(f"{type(self).__name__}: {why}; SGD's steps, bounded by the largest "
+                          "curvature, then barely move the model in the other directions: "
+                          "standardise X first (dmlkit.StandardScaler)", UserWarning,
+                          stacklevel=4)
         return 1.0 / _curvature_bound(*sample, self._family)
 
     def _schedule(self) -> dict:
@@ -415,7 +461,11 @@ _COMMON_DOC = """
         estimated from 8,192 rows of the first shard visited (a quarter of the
         largest eigenvalue of their second moment for the log loss): the step
         with which gradient descent is sure to decrease the objective (half its
-        stability limit ``2 / L``). Not read for "optimal".
+        stability limit ``2 / L``). Not read for "optimal". The same rows show
+        data SGD would crawl on: a feature far from the origin (mean beyond
+        10 standard deviations, with an intercept) or spreads differing by
+        more than 1,000 times (the intercept's column counting as 1) give a
+        ``UserWarning`` to standardise X.
     power_t : float, default=0.25
     batch_size : int or None, default=None
         Rows per update: per local update in local mode (None: 512), per

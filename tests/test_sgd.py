@@ -411,3 +411,22 @@ def test_progress_bar_and_history(problem, capsys):
     assert [h["epoch"] for h in m.history_] == [0.5, 1.0, 1.5, 2.0]
     assert all(h["rows"] == N // 2 for h in m.history_)
     assert all(np.isfinite(h["loss"]) and h["seconds"] >= 0 for h in m.history_)
+
+
+@pytest.mark.parametrize("cls", [SGDRegressor, SGDClassifier])
+def test_auto_step_warns_on_data_sgd_would_crawl_on(cls):
+    rng = np.random.default_rng(0)
+    B = rng.standard_normal((6000, 3))
+    y = B @ [1.0, -2.0, 0.5]
+    y = y if cls is SGDRegressor else (y > 0).astype(int)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        cls(random_state=0, max_epochs=2).fit(B, y)  # standardised: silent
+        cls(random_state=0, max_epochs=2, eta0=0.01).fit(B + 1e4, y)  # no sample: silent
+    cases = [(B + 1e4, "feature . sits far from the origin"),
+             (B * [1.0, 1e-5, 1.0], "spreads differ by a factor of 1.0.e\\+05"),
+             (B * 1e-20, "intercept's column of ones counting as 1")]
+    for X, match in cases:
+        with pytest.warns(UserWarning, match=match + ".*standardise X"):
+            cls(random_state=0, max_epochs=2).fit(X, y)
