@@ -110,9 +110,9 @@ def _squared_units(y_moments, mean, var, constant, fit_intercept: bool):
     and where a value is 0 or not finite). The gradient's entry ``j`` divided by
     ``s_y s_j`` is the gradient had ``X`` and ``y`` been standardised: the test
     against ``tol``, which then means the same for ``y`` in metres or in nanometres.
-    ``y_moments`` is ``(weight, sum, m2)`` (see ``glm_partial(y_moments=True)``).
+    ``y_moments``: ``y``'s one-column :class:`~dmlkit._kernels.stats.Moments`.
     """
-    weight, total, m2 = y_moments
+    weight, total, m2 = y_moments.weight, float(y_moments.col_sum[0]), float(y_moments.col_m2[0])
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         y_mean, y_var = total / weight, m2 / weight
         rms_y = np.sqrt(y_var + y_mean * y_mean)
@@ -328,7 +328,8 @@ class _LinearModel(BaseEstimator):
         # shift: the point the kernels measure X from (None: the origin); units: (s_y, s)
         # with the gradient divided by s_y * s before the comparison with tol (least squares
         # only: see _squared_units; None: the gradient as it is)
-        state = {"shift": None, "y_shift": 0.0, "fixed": None, "units": None, "first": True}
+        state = {"shift": None, "y_shift": 0.0, "fixed": None, "units": None, "first": True,
+                 "features": None}
 
         def run(theta, hessian, *, name, **kw):
             args = dict(common, theta=theta, hessian=hessian, shift=state["shift"])
@@ -356,7 +357,7 @@ class _LinearModel(BaseEstimator):
             squared = family == "squared"
             part = run(theta, hessian, name=name, precise=precise["on"],
                        hessian_every=sampled["every"], y_moments=squared)
-            mean, var, constant = _features(passes.stats, dtype)
+            mean, var, constant = state["features"] = _features(passes.stats, dtype)
             with np.errstate(over="ignore", invalid="ignore"):
                 far = ~constant & (mean * mean > FAR_FROM_ORIGIN * var)
             if fit_intercept and constant.any():
@@ -368,9 +369,9 @@ class _LinearModel(BaseEstimator):
                                   + np.flatnonzero(constant)[None, :]).ravel()
             y_far = False
             if squared and fit_intercept:
-                weight, total, m2 = part.y_moments
-                y_mean = total / weight
-                y_far = bool(y_mean * y_mean > FAR_FROM_ORIGIN * (m2 / weight))
+                ym = part.y_moments
+                y_mean = float(ym.col_sum[0]) / ym.weight
+                y_far = bool(y_mean * y_mean > FAR_FROM_ORIGIN * float(ym.col_m2[0]) / ym.weight)
             if fit_intercept and (far.any() or y_far):
                 # far from the origin: X^T X has lost the spread around the mean in any
                 # float precision, and the intercept and the coefficients are near-collinear.
@@ -446,10 +447,10 @@ class _LinearModel(BaseEstimator):
         def unsafe(H) -> bool:
             """Whether Newton's Hessian cannot be trusted: not finite, or some feature's
             squares beyond the normal range of X's dtype, where the products that sum it
-            overflow or lose their digits (float32 beyond about 1e18, or below 1e-16):
-            Newton then hands over to L-BFGS, whose passes need no squares."""
+            overflow or lose their digits (float32 beyond about 1e15 for a million rows, or
+            below 1e-16): Newton then hands over to L-BFGS, whose passes need no squares."""
             info = np.finfo(dtype)
-            mean, var, _ = _features(passes.stats, dtype)
+            mean, var, _ = state["features"]
             with np.errstate(over="ignore", invalid="ignore"):
                 sq = var + mean * mean
                 big = sq > float(info.max) / (16.0 * max(passes.stats.n_rows, 1))
@@ -470,7 +471,6 @@ class _LinearModel(BaseEstimator):
         evaluate.units = units
         evaluate.unsafe = unsafe
         evaluate.refuse_unsafe = refuse_unsafe
-        evaluate.precise_now = lambda: precise["on"]
         evaluate.cutoff = _newton_cutoff(dtype)
         evaluate.whole_hessian = whole_hessian
 
@@ -546,20 +546,10 @@ class _LinearModel(BaseEstimator):
                          last["seconds"], last["passes"], bar)
             last["passes"], last["seconds"] = 0, 0.0
 
-        u, done = u0, len(self.history_)
-        for _ in range(2):
-            was_precise = evaluate.precise_now()
-            res = minimize(fun, u, jac=True, method="L-BFGS-B", callback=callback,
-                           options={"maxiter": self.max_iter - (len(self.history_) - done),
-                                    "gtol": self.tol, "maxls": 50,
-                                    "ftol": 64 * np.finfo(float).eps})
-            if was_precise or not evaluate.precise_now() or len(self.history_) - done \
-                    >= self.max_iter or evaluate.small(res.jac * f_unit / to_theta):
-                break
-            # the passes went float64 on the way (float32 data near the optimum): scipy's
-            # memory holds the float32 objective's values, whose rounding can stall its
-            # line search; once more from here, with a fresh memory
-            u = res.x
+        done = len(self.history_)  # (iterations Newton made before handing over)
+        res = minimize(fun, u0, jac=True, method="L-BFGS-B", callback=callback,
+                       options={"maxiter": self.max_iter - done, "gtol": self.tol,
+                                "maxls": 50, "ftol": 64 * np.finfo(float).eps})
         self.n_iter_ = len(self.history_)
         # judged on the gradient, like the other solvers: scipy also stops when
         # the objective no longer decreases, which float32 data reach first

@@ -43,6 +43,7 @@ from dmlkit._kernels.glm import n_params, split_theta
 from dmlkit._progress import progress_bar
 from dmlkit.kmeans import _integer_seed
 from dmlkit.linear_model import (
+    FAR_FROM_ORIGIN,
     LinearClassifierMixin,
     LinearRegressorMixin,
     check_classes,
@@ -88,8 +89,8 @@ def _first_found(a, b):
     return a if a is not None else b
 
 
-#: ``eta0="auto"`` warns when its sample shows a feature's mean beyond 10 standard deviations
-#: (with an intercept) or features whose spreads differ by more than this factor.
+#: ``eta0="auto"`` warns when its sample shows a feature far from the origin (as the linear
+#: models judge it, with an intercept) or features whose spreads differ by more than this.
 SCALE_SPREAD = 1e3
 
 
@@ -114,7 +115,7 @@ def _badly_scaled(gram: np.ndarray, m: int, fit_intercept: bool) -> str | None:
     if not varies.any():
         return None
     std = np.sqrt(var)
-    far = varies & (mean * mean > 100.0 * var)
+    far = varies & (mean * mean > FAR_FROM_ORIGIN * var)
     if far.any():
         j = int(np.flatnonzero(far)[np.argmax(np.abs(mean[far]) / std[far])])
         return (f"feature {j} sits far from the origin (mean {mean[j]:.3g}, standard deviation "

@@ -468,7 +468,7 @@ def test_y_moments_merge_exactly_far_from_zero():
     kw = dict(family="squared", fit_intercept=True, theta=np.zeros(3), y_moments=True)
     parts = [glm_partial(X[a:b], w[a:b], a, y=y[a:b], **kw)
              for a, b in [(0, 1000), (1000, 1001), (1001, 5000)]]
-    weight, total, m2 = combine_glm(combine_glm(parts[0], parts[1]), parts[2]).y_moments
+    weight, (total,), (m2,) = combine_glm(combine_glm(parts[0], parts[1]), parts[2]).y_moments
     mean = np.average(y, weights=w)
     assert weight == pytest.approx(w.sum()) and total / weight == pytest.approx(mean, rel=1e-15)
     assert m2 == pytest.approx(w @ (y - mean) ** 2, rel=1e-7)  # (raw sums of squares: off by more than m2)

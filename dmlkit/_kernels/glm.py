@@ -22,6 +22,7 @@ from typing import NamedTuple
 import numpy as np
 
 from dmlkit._kernels.kmeans import _as_float
+from dmlkit._kernels.stats import Moments, combine_moments, moments
 
 #: Rows per sub-block inside a chunk.
 SUB_BLOCK_ROWS = 8192
@@ -34,40 +35,21 @@ HESSIAN_RUN = 1024
 class GLMPartial(NamedTuple):
     """Sums over rows: ``loss`` (float), ``grad`` (p,), ``hess`` (p, p) or None, ``weight``
     (float), ``hess_weight``, the weight of the rows the Hessian sums over (all of them,
-    or a sample: see :func:`glm_partial`), and ``y_moments`` or None: ``y``'s weight, weighted
-    sum and weighted sum of squared deviations from its mean (merged by Chan et al.'s
-    formula, exact for a ``y`` far from 0)."""
+    or a sample: see :func:`glm_partial`), and ``y_moments`` or None: ``y``'s
+    :class:`~dmlkit._kernels.stats.Moments` (one column; exact for a ``y`` far from 0)."""
 
     loss: float
     grad: np.ndarray
     hess: np.ndarray | None
     weight: float
     hess_weight: float = 0.0
-    y_moments: tuple | None = None
-
-
-def _merge_moments(a: tuple, b: tuple) -> tuple:
-    """``(weight, sum, m2)`` of two row sets: Chan et al.'s pairwise update."""
-    weight = a[0] + b[0]
-    if a[0] == 0 or b[0] == 0:
-        return weight, a[1] + b[1], a[2] + b[2]
-    delta = b[1] / b[0] - a[1] / a[0]
-    return weight, a[1] + b[1], a[2] + b[2] + delta * delta * (a[0] * b[0] / weight)
-
-
-def _y_moments(y: np.ndarray, w: np.ndarray) -> tuple:
-    weight = float(w.sum())
-    if weight == 0:
-        return 0.0, 0.0, 0.0
-    total = float(w @ y)
-    dev = y - total / weight
-    return weight, total, float(w @ (dev * dev))
+    y_moments: Moments | None = None
 
 
 def combine_glm(a: GLMPartial, b: GLMPartial) -> GLMPartial:
     """Associative merge: sums (``y_moments`` by Chan et al.'s update)."""
     hess = None if a.hess is None else a.hess + b.hess
-    moments = None if a.y_moments is None else _merge_moments(a.y_moments, b.y_moments)
+    moments = None if a.y_moments is None else combine_moments(a.y_moments, b.y_moments)
     return GLMPartial(a.loss + b.loss, a.grad + b.grad, hess, a.weight + b.weight,
                       a.hess_weight + b.hess_weight, moments)
 
@@ -270,8 +252,8 @@ def glm_partial(
         intercept absorbs it), so that residuals of a ``y`` far from 0 are
         not differences of large numbers.
     y_moments : bool, default=False
-        Also return ``y``'s weighted moments (``GLMPartial.y_moments``), in
-        float64 about the block's mean.
+        Also return ``y``'s weighted moments (``GLMPartial.y_moments``, from
+        :func:`~dmlkit._kernels.stats.moments`).
     """
     if family not in FAMILIES:
         raise ValueError(f"family={family!r} should be one of {FAMILIES}")
@@ -342,5 +324,5 @@ def glm_partial(
                     c = pointwise(Z[a:b], yb[a:b], None if wb is None else wb[a:b], family,
                                   epsilon)[2]
                     hess += _gram(Xb[a:b], c, fit_intercept)
-    moments = _y_moments(np.asarray(y, dtype=np.float64), wf) if y_moments else None
-    return GLMPartial(loss, grad, hess, weight, hess_weight if hessian else 0.0, moments)
+    y_stats = moments(np.asarray(y)[:, None], w, offset) if y_moments else None
+    return GLMPartial(loss, grad, hess, weight, hess_weight if hessian else 0.0, y_stats)
