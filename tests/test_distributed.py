@@ -136,6 +136,9 @@ def test_logistic_regression_on_cluster_equals_sync(client, classification_store
     assert ours.n_passes_ == ref.n_passes_
 
 
+KILL_AT_NEWTON_ITERATION = 2
+
+
 @pytest.mark.parametrize("resident", [True, False], ids=["resident", "tasks"])
 def test_worker_killed_during_logistic_fit_changes_nothing(client, classification_store,
                                                            monkeypatch, resident_calls, resident):
@@ -146,16 +149,16 @@ def test_worker_killed_during_logistic_fit_changes_nothing(client, classificatio
         ref = LogisticRegression(**params).fit(classification_store)
     victim = sorted(client.scheduler_info()["workers"])[0]
     pid = client.run(os.getpid, workers=[victim])[victim]
-    calls = {"n": 0}
-    real_solve = np.linalg.solve
+    calls = {"n": 0, "kill_at": KILL_AT_NEWTON_ITERATION}
+    real_cholesky = np.linalg.cholesky
 
-    def solve_and_sabotage(*args, **kwargs):  # one call per Newton iteration, on the client
+    def factor_and_sabotage(*args, **kwargs):  # one call per Newton iteration, on the client
         calls["n"] += 1
-        if calls["n"] == 2:
+        if calls["n"] == calls["kill_at"]:
             _kill(pid, resident, 0.01)
-        return real_solve(*args, **kwargs)
+        return real_cholesky(*args, **kwargs)
 
-    monkeypatch.setattr(np.linalg, "solve", solve_and_sabotage)
+    monkeypatch.setattr(np.linalg, "cholesky", factor_and_sabotage)
     with dask.config.set({"dmlkit.resident-passes": resident}):
         ours = LogisticRegression(**params).fit(classification_store)
     assert calls["n"] >= 3
