@@ -25,8 +25,12 @@ DEFAULT_CHUNK_BYTES = 16 * 2**20
 #: Largest block of a cached (persisted) copy of X.
 CACHE_BLOCK_BYTES = 256 * 2**20
 #: Cached copies keep X's chunks when they hold at least this many bytes; smaller
-#: chunks are joined up to it (but to no fewer blocks than worker threads).
+#: chunks are joined up to it (but to no fewer than :data:`CACHE_MIN_BLOCKS` blocks).
 CACHE_MIN_BLOCK_BYTES = 8 * 2**20
+#: Joined chunks of a cached copy make at least this many blocks (where X has that many
+#: chunks). A constant, not the cluster's thread count: the blocks, and with them the
+#: order of every sum, are then the same on any cluster and on any scheduler.
+CACHE_MIN_BLOCKS = 16
 #: Seconds to wait for a worker when caching on a cluster that has none at the moment.
 WAIT_FOR_WORKERS_S = 60
 
@@ -262,25 +266,32 @@ def _total_threads() -> int:
     return int(dask.system.CPU_COUNT)
 
 
-def cache_block_rows(X: da.Array, threads: int, per_thread: int | None = None) -> int:
+def cache_block_rows(X: da.Array, per_thread: int | None = None, threads: int | None = None) -> int:
     """Rows per block of a cached copy of ``X``: always a whole number of ``X``'s chunks.
 
     By default ``X``'s own chunks, joined up to :data:`CACHE_MIN_BLOCK_BYTES`
-    where they are smaller (but into no fewer blocks than ``threads``): a
-    pass maps one task per worker thread over the blocks that thread holds
-    (see :func:`persist_placed`), so block size only sets the kernels'
-    granularity, and keeping the chunks spares a copy when loading. With
-    ``per_thread``, about that many blocks per thread instead (for searches,
-    whose tasks are per block), at most :data:`CACHE_BLOCK_BYTES` each.
+    where they are smaller, into no fewer than :data:`CACHE_MIN_BLOCKS`
+    blocks: a pass maps one task per worker thread over the blocks that
+    thread holds (see :func:`persist_placed`), so block size only sets the
+    kernels' granularity, and keeping the chunks spares a copy when loading.
+    These blocks depend on ``X`` alone, never on the cluster: the kernels sum
+    over blocks and the reduction tree is over blocks, so a fit on one
+    worker, on sixteen or on the synchronous scheduler adds the same numbers
+    in the same order and gives the same bits.
+
+    With ``per_thread``, about that many blocks per worker thread (``threads``
+    of them) instead, at most :data:`CACHE_BLOCK_BYTES` each: for searches,
+    whose tasks are per block and whose results do not depend on the blocks.
     """
     n = X.shape[0]
     row_bytes = max(1, X.dtype.itemsize * X.shape[1])
     base = max(X.chunks[0])
-    threads = max(threads, 1)
     if per_thread is None:
-        target = min(max(1, CACHE_MIN_BLOCK_BYTES // row_bytes), -(-n // threads))
+        target = min(max(1, CACHE_MIN_BLOCK_BYTES // row_bytes), -(-n // CACHE_MIN_BLOCKS))
     else:
-        target = -(-n // (per_thread * threads))
+        if threads is None:
+            raise ValueError("cache_block_rows(per_thread=...) needs threads=")
+        target = -(-n // (per_thread * max(threads, 1)))
     rows = -(-target // base) * base  # whole chunks, rounded up: no small tail block
     cap = max(base, CACHE_BLOCK_BYTES // row_bytes // base * base)
     return min(rows, cap)
@@ -341,7 +352,8 @@ def cache(
         return X, keep_vectors(rows) if vectors else rows, False
     if in_memory and _client() is None:
         return X, rows, True  # already in this process's memory
-    block = cache_block_rows(X, _total_threads(), per_thread) if block_rows is None else 0
+    block = (cache_block_rows(X, per_thread, _total_threads() if per_thread else None)
+             if block_rows is None else 0)
     if block > max(X.chunks[0]):
         X = X.rechunk({0: block})
         rows = tuple(None if v is None else v.rechunk({0: block}) for v in rows)

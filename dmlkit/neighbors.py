@@ -206,7 +206,7 @@ class _NeighborsBase(BaseEstimator):
         # blocks of the store: about one per worker thread (every search tile loops over
         # the lists, so fewer, larger tiles cost less), regular (the store's chunks); the
         # cached copy keeps exactly these blocks, inside which rows are sorted by list
-        rows = data.cache_block_rows(X_in, data._total_threads(), per_thread=1)
+        rows = data.cache_block_rows(X_in, per_thread=1, threads=data._total_threads())
         Xb = X_in.rechunk({0: rows}) if set(X_in.chunks[0][:-1]) - {rows} or \
             X_in.chunks[0][-1] > rows else X_in
         yb = None if y_in is None else y_in.rechunk({0: Xb.chunks[0]})

@@ -100,16 +100,23 @@ def test_open_zarr_errors(tmp_path):
 
 def test_cached_copy_is_reblocked_into_whole_chunks():
     X = da.zeros((1000, 4), chunks=(30, 4))
-    # small chunks are joined, into no fewer blocks than threads
-    assert data.cache_block_rows(X, threads=2) == 510  # 2 blocks of 17 and 16 chunks
-    assert data.cache_block_rows(X, threads=4) == 270  # 4 blocks, the last of 190 rows
-    assert data.cache_block_rows(X, threads=2, per_thread=2) == 270
+    # small chunks are joined, into CACHE_MIN_BLOCKS blocks (34 chunks: 2 or 3 each)
+    assert data.CACHE_MIN_BLOCKS == 16
+    assert data.cache_block_rows(X) == 90  # 12 blocks of 3 chunks, the last of 10 rows
+    few = da.zeros((1000, 4), chunks=(300, 4))
+    assert data.cache_block_rows(few) == 300  # fewer chunks than CACHE_MIN_BLOCKS: kept
+    assert data.cache_block_rows(X, per_thread=2, threads=2) == 270
+    with pytest.raises(ValueError, match="threads"):
+        data.cache_block_rows(X, per_thread=2)
     chunky = da.zeros((10**6, 32), chunks=(10**5, 32), dtype="f4")  # 12.8 MB chunks stay
-    assert data.cache_block_rows(chunky, threads=2) == 10**5
-    assert data.cache_block_rows(chunky, threads=2, per_thread=1) == 5 * 10**5
-    assert data.cache_block_rows(X, threads=1000) == 30  # never below a chunk
+    assert data.cache_block_rows(chunky) == 10**5
+    assert data.cache_block_rows(chunky, per_thread=1, threads=2) == 5 * 10**5
+    assert data.cache_block_rows(X, per_thread=1, threads=1000) == 30  # never below a chunk
+    small = da.zeros((10**6, 32), chunks=(10**3, 32), dtype="f4")  # 128 kB chunks
+    assert data.cache_block_rows(small) * 32 * 4 <= data.CACHE_MIN_BLOCK_BYTES
+    assert data.cache_block_rows(small) == 63_000  # 16 blocks: fewer than 8 MB would make
     big = da.zeros((10**8, 32), chunks=(10**5, 32), dtype="f4")
-    rows = data.cache_block_rows(big, threads=2)
+    rows = data.cache_block_rows(big)
     assert rows * 32 * 4 <= data.CACHE_BLOCK_BYTES and rows % 10**5 == 0
     Xc, _, cached = data.cache(X, [None], True, X)
     assert cached and len(Xc.chunks[0]) < len(X.chunks[0])
