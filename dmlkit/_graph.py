@@ -564,11 +564,22 @@ def _common_resident(results: Sequence):
     return resident if dask.base.get_scheduler() == resident.client.get else None
 
 
+def _joined(v):
+    """An argument that blockwise passes as lists of blocks (one level per index that the
+    output does not have), as one array: a lone block as it is (not copied), several
+    joined along rows (columns come in one block)."""
+    if not isinstance(v, list):
+        return v
+    if len(v) == 1:
+        return _joined(v[0])
+    return np.concatenate([_joined(b) for b in v], axis=0)
+
+
 def _tile_block(x, offset, *rest, kernel, n_queries, row_names):
     """Blockwise body of :func:`tiles`: one (data block, query block) pair."""
-    params, x = rest[-1], aligned(x)
-    queries = [aligned(q) for q in rest[:n_queries]]
-    row_blocks = [aligned(r) for r in rest[n_queries:-1]]
+    params, x = rest[-1], aligned(_joined(x))
+    queries = [aligned(_joined(q)) for q in rest[:n_queries]]
+    row_blocks = [aligned(_joined(r)) for r in rest[n_queries:-1]]
     rows = dict(zip(row_names, row_blocks))
     return kernel(x, int(offset[0]), *queries, **rows, **params)
 
@@ -607,8 +618,8 @@ def tiles(
         Fan-in of each query block's tree (None: 8).
     whole : sequence of dask arrays, optional
         Query-side arrays in other row chunks, for queries in a single block:
-        each tile gets them whole (their blocks concatenated inside the tile
-        task, no task of its own), after the ``queries``.
+        each tile gets them whole (their blocks joined inside the tile task,
+        no task of its own), after the ``queries``.
 
     Returns
     -------
@@ -657,7 +668,10 @@ def tiles(
     parts = da.blockwise(
         _tile_block, "ab", *args, kernel=kernel, n_queries=len(queries) + len(whole),
         row_names=list(rows),
-        name=f"{name}-tile-{token}", dtype=object, concatenate=True, align_arrays=False,
+        # concatenate=False: the blocks of the indices the output lacks come as lists,
+        # joined in _tile_block (dask's concatenation would copy even a lone block: each
+        # tile would copy its whole data block)
+        name=f"{name}-tile-{token}", dtype=object, concatenate=False, align_arrays=False,
         adjust_chunks={"a": 1, "b": 1}, meta=np.empty((0, 0), dtype=object),
     )
     grid = parts.to_delayed(optimize_graph=True)

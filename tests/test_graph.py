@@ -224,6 +224,34 @@ def _tile_sums(x, offset, q, *extra):
     return out
 
 
+def _held(a: np.ndarray, rows: int) -> da.Array:
+    """A dask array whose blocks are views of ``a`` (as a persisted array's are the
+    workers' own arrays)."""
+    return da.concatenate([da.from_delayed(dask.delayed(a[s : s + rows]),
+                                           (min(rows, len(a) - s),) + a.shape[1:], a.dtype)
+                           for s in range(0, len(a), rows)])
+
+
+def test_tiles_hand_each_tile_its_blocks_without_a_copy():
+    """A tile's data block, its rows' arrays and its queries are the graph's own arrays, not
+    copies made per tile (a data block can be large, and every query block reads it)."""
+    rng = np.random.default_rng(0)
+    base, rows2d = rng.standard_normal((50, 3)), rng.standard_normal((50, 2))
+    queries = rng.standard_normal((9, 3))
+    seen = []
+
+    def kernel(x, offset, q, *, side):
+        seen.append(all(np.shares_memory(a, b) for a, b in
+                        ((x, base), (q, queries), (side, rows2d))))
+        return q.sum(axis=1) + x.sum() + side.sum()
+
+    parts = _graph.tiles(_held(base, 20), [_held(queries, 5)], kernel, lambda a, b: a + b,
+                         rows={"side": _held(rows2d, 20)})
+    out = np.concatenate(dask.compute(*parts, scheduler="sync"))
+    assert seen == [True] * 6  # 3 data blocks x 2 query blocks
+    assert_allclose(out, 3 * queries.sum(axis=1) + base.sum() + rows2d.sum())
+
+
 def test_tiles_take_whole_arrays_joined_inside_the_tile():
     """An array in other row chunks than the (single-block) queries reaches every tile
     whole, with no task of its own, and gives what a rechunked copy gives."""
