@@ -22,9 +22,19 @@ and combines ``combine(a, b)``; both are plain NumPy functions from
 Searches (nearest neighbours) use :func:`tiles` instead: a kernel over every
 (data block, query block) pair, and per query block the same fixed tree;
 :func:`stack` turns the per-query-block records into lazy arrays.
+
+Kernels run with BLAS on one thread: a multi-threaded BLAS may split a
+product's sum among its threads (OpenBLAS does, for a matrix-vector product
+along many rows), and the bits would then depend on the thread count of the
+process that ran it. Distributed's workers start with one BLAS thread (its
+``distributed.nanny.pre-spawn-environ``); with a local scheduler,
+:func:`compute` holds this process's BLAS at one thread while the kernels
+run (:data:`one_blas_thread`). Each worker thread runs one kernel at a time,
+so the cores are busy all the same.
 """
 from __future__ import annotations
 
+import threading
 from functools import reduce as _fold
 from typing import Any, Callable, Sequence
 
@@ -224,6 +234,53 @@ class Reduction(DaskMethodsMixin):
 
     __dask_optimize__ = staticmethod(_optimize_delayed)
     __dask_scheduler__ = staticmethod(_threaded_get)
+
+
+class _OneBlasThread:
+    """Context: this process's BLAS on one thread while it lasts (nested uses counted).
+
+    The first to enter sets every loaded BLAS library that has more threads to
+    one (from the calling thread: OpenBLAS may ignore a setting made from another
+    thread once the main thread has made one), the last to leave restores
+    them.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._active = 0
+        self._saved: list = []
+        self._libs: list | None = None
+
+    def _blas(self) -> list:
+        if self._libs is None:
+            from threadpoolctl import ThreadpoolController
+
+            self._libs = list(ThreadpoolController().select(user_api="blas").lib_controllers)
+        return self._libs
+
+    def __enter__(self):
+        with self._lock:
+            if self._active == 0:
+                self._saved = [(lib, n) for lib in self._blas()
+                               if (n := lib.get_num_threads()) != 1]
+                for lib, _ in self._saved:
+                    lib.set_num_threads(1)
+            self._active += 1
+        return self
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self._active -= 1
+            if self._active == 0:
+                for lib, n in self._saved:
+                    lib.set_num_threads(n)
+                self._saved = []
+        return False
+
+
+#: Held by :func:`compute` around the kernels, and by the estimators around their local
+#: kernels (K-means' initialisation): see the module's docstring.
+one_blas_thread = _OneBlasThread()
 
 
 def _call(kernel: Callable, X, w, offset: int, params: dict, y=None) -> Any:
@@ -551,7 +608,8 @@ def compute(*results):
         if parts is not None:
             return tuple(_fold_groups(p, r.combine, r.job[3], r.n_blocks)
                          for p, r in zip(parts, results))
-    return dask.compute(*results)
+    with one_blas_thread:  # the kernels of a local scheduler run in this process
+        return dask.compute(*results)
 
 
 def _common_resident(results: Sequence):

@@ -322,7 +322,8 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
             s = passes.run(K.sample_partial, K.combine_samples,
                            {"stream": stream_key(seed, run, 1), "size": min(n, 100_000)},
                            name="kmeans-sample")
-            return K.kmeans_plusplus(s.rows, s.weight, k, rng)
+            with _graph.one_blas_thread:  # the client's BLAS threads would change the bits
+                return K.kmeans_plusplus(s.rows, s.weight, k, rng)
         # k-means||
         first = int(rng.integers(n))
         (row,) = _graph.compute(passes.blocks.X[first])
@@ -349,8 +350,9 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
             candidates, weights = candidates[keep], weights[keep]
         else:  # too few distinct rows attracted weight: keep all, tiny weights
             weights = np.maximum(weights, 1e-12 * max(weights.max(), 1.0))
-        start = K.kmeans_plusplus(candidates, weights, k, rng)
-        return K.local_lloyd(candidates, weights, start)
+        with _graph.one_blas_thread:  # as every kernel, wherever it runs
+            start = K.kmeans_plusplus(candidates, weights, k, rng)
+            return K.local_lloyd(candidates, weights, start)
 
     # ---------------------------------------------------------------- predict
     def _predict_dask(self, Xd):

@@ -272,3 +272,32 @@ def test_tiles_take_whole_arrays_joined_inside_the_tile():
     assert_allclose(two, a + 3 * other.compute())
     with pytest.raises(ValueError, match="one block"):
         _graph.tiles(X, [Q.rechunk(3)], _tile_sums, add_, whole=[side])
+
+
+def test_kernels_run_on_one_blas_thread_and_the_process_gets_its_own_back():
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def blas_threads():
+        return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+
+    seen = []
+
+    def kernel(X, w, offset):
+        seen.append(blas_threads())
+        return X.sum(axis=0)
+
+    blocks = _graph.RowBlocks(da.ones((40, 3), chunks=10))
+    with threadpool_limits(2, user_api="blas"):
+        for scheduler in ("sync", "threads"):
+            with dask.config.set(scheduler=scheduler):
+                (total,) = _graph.compute(blocks.reduce(kernel, add, {}))
+            assert_array_equal(total, [40.0] * 3)
+            assert blas_threads() == {2}  # restored once the kernels are done
+    assert seen == [{1}] * 8
+    # counted: an inner scope that ends leaves BLAS at one thread for the outer one
+    with threadpool_limits(2, user_api="blas"):
+        with _graph.one_blas_thread:
+            with _graph.one_blas_thread:
+                assert blas_threads() == {1}
+            assert blas_threads() == {1}
+        assert blas_threads() == {2}

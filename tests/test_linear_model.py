@@ -608,3 +608,23 @@ def test_a_refit_stopped_by_its_warning_keeps_the_last_fit_whole(far):
     assert m.coef_.shape == (4,)
     assert_allclose(m.predict(far["B"][:3] + 1e6),
                     LinearRegression().fit(far["B"] + 1e6, far["reg"]).predict(far["B"][:3] + 1e6))
+
+
+def test_the_bits_do_not_depend_on_the_blas_threads(tmp_path):
+    """A multi-threaded BLAS may split a product's sum among its threads; kernels run on one
+    BLAS thread wherever they run, so the thread count of the process that computes (here
+    the client's, on the synchronous and the threaded schedulers) changes nothing."""
+    import dask
+    from threadpoolctl import threadpool_limits
+
+    from dmlkit.datasets import make_classification
+
+    path = make_classification(tmp_path / "c.zarr", 20_000, 32, chunk_rows=2000, random_state=0)
+    fits = []
+    for scheduler in ("sync", "threads"):
+        for threads in (1, 2):
+            with threadpool_limits(threads, user_api="blas"), dask.config.set(scheduler=scheduler):
+                fits.append(LogisticRegression(cache=False).fit(path))
+    for other in fits[1:]:
+        assert_array_equal(other.coef_, fits[0].coef_)
+        assert_array_equal(other.intercept_, fits[0].intercept_)
