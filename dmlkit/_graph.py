@@ -23,14 +23,14 @@ Searches (nearest neighbours) use :func:`tiles` instead: a kernel over every
 (data block, query block) pair, and per query block the same fixed tree;
 :func:`stack` turns the per-query-block records into lazy arrays.
 
-Kernels run with BLAS on one thread: a multi-threaded BLAS may split a
-product's sum among its threads (OpenBLAS does, for a matrix-vector product
-along many rows), and the bits would then depend on the thread count of the
-process that ran it. Distributed's workers start with one BLAS thread (its
-``distributed.nanny.pre-spawn-environ``); with a local scheduler,
-:func:`compute` holds this process's BLAS at one thread while the kernels
-run (:data:`one_blas_thread`). Each worker thread runs one kernel at a time,
-so the cores are busy all the same.
+Kernels run with BLAS on one thread (:data:`one_blas_thread`, held around
+every kernel call, and by :func:`compute` around a local scheduler's work): a
+multi-threaded BLAS may split a product's sum among its threads (OpenBLAS
+does, for a matrix-vector product along many rows), and the bits would then
+depend on the thread count of the process that ran it. Distributed's workers
+start with one BLAS thread anyway (``distributed.nanny.pre-spawn-environ``,
+unless the environment says otherwise). Each worker thread runs one kernel at
+a time, so the cores are busy all the same.
 """
 from __future__ import annotations
 
@@ -239,10 +239,11 @@ class Reduction(DaskMethodsMixin):
 class _OneBlasThread:
     """Context: this process's BLAS on one thread while it lasts (nested uses counted).
 
-    The first to enter sets every loaded BLAS library that has more threads to
-    one (from the calling thread: OpenBLAS may ignore a setting made from another
-    thread once the main thread has made one), the last to leave restores
-    them.
+    The first to enter sets every BLAS library loaded at the first use (NumPy's,
+    the one the kernels call) that has more threads to one; the last to leave
+    restores them. Best effort: without threadpoolctl, or where a library
+    refuses, nothing changes (OpenBLAS may ignore a setting made from another
+    thread than the main one once the main thread has made one).
     """
 
     def __init__(self):
@@ -253,18 +254,27 @@ class _OneBlasThread:
 
     def _blas(self) -> list:
         if self._libs is None:
-            from threadpoolctl import ThreadpoolController
+            try:
+                from threadpoolctl import ThreadpoolController
 
-            self._libs = list(ThreadpoolController().select(user_api="blas").lib_controllers)
+                controller = ThreadpoolController().select(user_api="blas")
+                self._libs = list(controller.lib_controllers)
+            except Exception:  # no threadpoolctl, or an unknown library: leave BLAS be
+                self._libs = []
         return self._libs
 
     def __enter__(self):
         with self._lock:
             if self._active == 0:
-                self._saved = [(lib, n) for lib in self._blas()
-                               if (n := lib.get_num_threads()) != 1]
-                for lib, _ in self._saved:
-                    lib.set_num_threads(1)
+                self._saved = []
+                for lib in self._blas():
+                    try:
+                        n = lib.get_num_threads()
+                        if n is not None and n != 1:
+                            lib.set_num_threads(1)
+                            self._saved.append((lib, n))
+                    except Exception:  # best effort: this library keeps its threads
+                        pass
             self._active += 1
         return self
 
@@ -273,20 +283,25 @@ class _OneBlasThread:
             self._active -= 1
             if self._active == 0:
                 for lib, n in self._saved:
-                    lib.set_num_threads(n)
+                    try:
+                        lib.set_num_threads(n)
+                    except Exception:
+                        pass
                 self._saved = []
         return False
 
 
-#: Held by :func:`compute` around the kernels, and by the estimators around their local
-#: kernels (K-means' initialisation): see the module's docstring.
+#: Held around every kernel (:func:`_map_block`, :func:`_map_group`, the tiles, the
+#: row-wise maps), by :func:`compute` around a local scheduler's work, and by the
+#: estimators around their steps on the client: see the module's docstring.
 one_blas_thread = _OneBlasThread()
 
 
 def _call(kernel: Callable, X, w, offset: int, params: dict, y=None) -> Any:
-    if y is None:
-        return kernel(X, w, offset, **params)
-    return kernel(X, w, offset, y=y, **params)
+    with one_blas_thread:  # wherever it runs: a worker, an actor, this process
+        if y is None:
+            return kernel(X, w, offset, **params)
+        return kernel(X, w, offset, y=y, **params)
 
 
 class _Fused:
@@ -558,7 +573,8 @@ def map_rows(X: da.Array, func: Callable, params: dict, dtype, n_columns: int | 
 
 
 def _apply(block, func, params):
-    return func(block, **params)
+    with one_blas_thread:
+        return func(block, **params)
 
 
 class Passes:
@@ -608,7 +624,13 @@ def compute(*results):
         if parts is not None:
             return tuple(_fold_groups(p, r.combine, r.job[3], r.n_blocks)
                          for p, r in zip(parts, results))
-    with one_blas_thread:  # the kernels of a local scheduler run in this process
+    from dmlkit.data import _client
+
+    if _client() is not None:  # distributed: the kernels run on the workers
+        return dask.compute(*results)
+    # a local scheduler's kernels run in this process, on threads of its pool: set here,
+    # in the calling thread (OpenBLAS may ignore a pool thread's setting)
+    with one_blas_thread:
         return dask.compute(*results)
 
 
@@ -639,7 +661,8 @@ def _tile_block(x, offset, *rest, kernel, n_queries, row_names):
     queries = [aligned(_joined(q)) for q in rest[:n_queries]]
     row_blocks = [aligned(_joined(r)) for r in rest[n_queries:-1]]
     rows = dict(zip(row_names, row_blocks))
-    return kernel(x, int(offset[0]), *queries, **rows, **params)
+    with one_blas_thread:
+        return kernel(x, int(offset[0]), *queries, **rows, **params)
 
 
 def tiles(
@@ -686,6 +709,10 @@ def tiles(
 
     Notes
     -----
+    The kernel gets the blocks themselves, not copies (a persisted block is
+    the worker's own array; on a local scheduler, maybe a view of the
+    caller's): it must not write into them.
+
     Each data block is read once per call (one task; with a single query
     block the read fuses into the tile) and all its tiles depend on it, so
     the scheduler runs them where the block is: data blocks stay put, only
@@ -770,7 +797,8 @@ def stack(parts: Sequence, func: Callable, n_rows: Sequence[int], dtype,
 
 
 def _apply_offset(block, func, params, offsets, block_id=None):
-    return func(block, int(offsets[block_id[0]]), **params)
+    with one_blas_thread:
+        return func(block, int(offsets[block_id[0]]), **params)
 
 
 def map_row_blocks(X: da.Array, func: Callable, params: dict, dtype,

@@ -25,10 +25,11 @@ DEFAULT_CHUNK_BYTES = 16 * 2**20
 #: Largest block of a cached (persisted) copy of X.
 CACHE_BLOCK_BYTES = 256 * 2**20
 #: Cached copies keep X's chunks when they hold at least this many bytes; smaller
-#: chunks are joined up to it (but to no fewer than :data:`CACHE_MIN_BLOCKS` blocks).
+#: chunks are joined up to it (in blocks of at most 1 / :data:`CACHE_MIN_BLOCKS` of X).
 CACHE_MIN_BLOCK_BYTES = 8 * 2**20
-#: Joined chunks of a cached copy make at least this many blocks (where X has that many
-#: chunks). A constant, not the cluster's thread count: the blocks, and with them the
+#: Joined chunks of a cached copy make blocks of about 1 / this of X's rows, rounded up to
+#: whole chunks (so between about half this many blocks and this many, where X has that
+#: many chunks). A constant, not the cluster's thread count: the blocks, and with them the
 #: order of every sum, are then the same on any cluster and on any scheduler.
 CACHE_MIN_BLOCKS = 16
 #: Seconds to wait for a worker when caching on a cluster that has none at the moment.
@@ -266,12 +267,14 @@ def _total_threads() -> int:
     return int(dask.system.CPU_COUNT)
 
 
-def cache_block_rows(X: da.Array, per_thread: int | None = None, threads: int | None = None) -> int:
+def cache_block_rows(X: da.Array, *, per_thread: int | None = None,
+                     threads: int | None = None) -> int:
     """Rows per block of a cached copy of ``X``: always a whole number of ``X``'s chunks.
 
     By default ``X``'s own chunks, joined up to :data:`CACHE_MIN_BLOCK_BYTES`
-    where they are smaller, into no fewer than :data:`CACHE_MIN_BLOCKS`
-    blocks: a pass maps one task per worker thread over the blocks that
+    where they are smaller, but to no more than ``n / CACHE_MIN_BLOCKS``
+    rows rounded up to whole chunks (:data:`CACHE_MIN_BLOCKS` blocks, or
+    down to about half as many when the rounding is coarse): a pass maps one task per worker thread over the blocks that
     thread holds (see :func:`persist_placed`), so block size only sets the
     kernels' granularity, and keeping the chunks spares a copy when loading.
     These blocks depend on ``X`` alone, never on the cluster: the kernels sum
@@ -290,7 +293,7 @@ def cache_block_rows(X: da.Array, per_thread: int | None = None, threads: int | 
         target = min(max(1, CACHE_MIN_BLOCK_BYTES // row_bytes), -(-n // CACHE_MIN_BLOCKS))
     else:
         if threads is None:
-            raise ValueError("cache_block_rows(per_thread=...) needs threads=")
+            raise ValueError(f"per_thread={per_thread} needs threads= (the worker threads)")
         target = -(-n // (per_thread * max(threads, 1)))
     rows = -(-target // base) * base  # whole chunks, rounded up: no small tail block
     cap = max(base, CACHE_BLOCK_BYTES // row_bytes // base * base)
@@ -352,7 +355,8 @@ def cache(
         return X, keep_vectors(rows) if vectors else rows, False
     if in_memory and _client() is None:
         return X, rows, True  # already in this process's memory
-    block = (cache_block_rows(X, per_thread, _total_threads() if per_thread else None)
+    block = (cache_block_rows(X, per_thread=per_thread,
+                              threads=None if per_thread is None else _total_threads())
              if block_rows is None else 0)
     if block > max(X.chunks[0]):
         X = X.rechunk({0: block})

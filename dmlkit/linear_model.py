@@ -752,7 +752,10 @@ class _LinearModel(BaseEstimator):
         blocks = _graph.RowBlocks(Xd, wd, yd)
         passes = _graph.Passes(blocks, self.split_every, check=lambda s: data.check_stats(
             s, X_in.chunks[0], wd is not None, supervised=True))
-        return self._solve(passes, X_in.shape[1], n_classes)
+        # the solver's own products on the client (directions, line searches, scipy's
+        # L-BFGS-B) on one BLAS thread too: the same bits whatever this process's setting
+        with _graph.one_blas_thread:
+            return self._solve(passes, X_in.shape[1], n_classes)
 
 
 class LinearRegression(RegressorMixin, LinearRegressorMixin, _LinearModel):

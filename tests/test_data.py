@@ -100,7 +100,7 @@ def test_open_zarr_errors(tmp_path):
 
 def test_cached_copy_is_reblocked_into_whole_chunks():
     X = da.zeros((1000, 4), chunks=(30, 4))
-    # small chunks are joined, into CACHE_MIN_BLOCKS blocks (34 chunks: 2 or 3 each)
+    # small chunks are joined: 1000 / CACHE_MIN_BLOCKS rows, rounded up to whole chunks
     assert data.CACHE_MIN_BLOCKS == 16
     assert data.cache_block_rows(X) == 90  # 12 blocks of 3 chunks, the last of 10 rows
     few = da.zeros((1000, 4), chunks=(300, 4))

@@ -446,3 +446,30 @@ def test_sgd_on_held_blocks_finds_classes_on_the_actors(client, store, resident_
     assert_array_equal(ours.classes_, ["left", "right", "up"])
     assert_array_equal(ours.coef_, ref.coef_)
     assert_array_equal(ours.intercept_, ref.intercept_)
+
+
+def test_joined_cached_blocks_give_the_same_bits_on_any_cluster(client, tmp_path):
+    """A store of 40 small chunks: its cached copy joins them into blocks chosen from the
+    data alone, so a Newton logistic fit and a K-means fit give the same bits on the two
+    workers of this module, on one worker and on the synchronous scheduler."""
+    from dmlkit import LogisticRegression, data
+    from dmlkit.datasets import make_classification
+
+    path = make_classification(tmp_path / "c.zarr", 20_000, 6, chunk_rows=500, random_state=2)
+    assert data.cache_block_rows(data.as_matrix(path)) == 1500  # 14 blocks of 3 chunks
+
+    def fits():
+        return (LogisticRegression(solver="newton", cache=True).fit(path),
+                KMeans(4, random_state=0, cache=True).fit(path))
+
+    with _synchronous():
+        ref = fits()
+    two = fits()
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=":0", memory_limit="2GiB") as cluster, Client(cluster):
+        one = fits()
+    for lr, km in (two, one):
+        assert_array_equal(lr.coef_, ref[0].coef_)
+        assert_array_equal(lr.intercept_, ref[0].intercept_)
+        assert_array_equal(km.cluster_centers_, ref[1].cluster_centers_)
+        assert km.inertia_ == ref[1].inertia_

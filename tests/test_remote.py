@@ -36,8 +36,8 @@ def store(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(store):
     # cache=False: streamed from the store, the blocks and the tree are those of the store
-    # whatever the cluster, so the answer is the same to the bit (a cached copy is
-    # re-blocked by the number of worker threads, which changes the rounding)
+    # whatever the cluster, so the answer is the same to the bit (as it is for a cached
+    # copy, whose blocks depend on the data alone: tests/test_distributed.py)
     with dask.config.set(scheduler="sync"):
         return KMeans(4, random_state=0, cache=False).fit(store)
 
