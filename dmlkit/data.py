@@ -274,9 +274,10 @@ def cache_block_rows(X: da.Array, *, per_thread: int | None = None,
     By default ``X``'s own chunks, joined up to :data:`CACHE_MIN_BLOCK_BYTES`
     where they are smaller, but to no more than ``n / CACHE_MIN_BLOCKS``
     rows rounded up to whole chunks (:data:`CACHE_MIN_BLOCKS` blocks, or
-    down to about half as many when the rounding is coarse): a pass maps one task per worker thread over the blocks that
-    thread holds (see :func:`persist_placed`), so block size only sets the
-    kernels' granularity, and keeping the chunks spares a copy when loading.
+    down to about half as many when the rounding is coarse): a pass maps
+    one task per worker thread over the blocks that thread holds (see
+    :func:`persist_placed`), so block size only sets the kernels'
+    granularity, and keeping the chunks spares a copy when loading.
     These blocks depend on ``X`` alone, never on the cluster: the kernels sum
     over blocks and the reduction tree is over blocks, so a fit on one
     worker, on sixteen or on the synchronous scheduler adds the same numbers
