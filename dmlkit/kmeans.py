@@ -246,7 +246,10 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
             check=lambda s: data.check_stats(s, X_in.chunks[0], w is not None))
         best = None
         for run in range(n_init):
-            result = self._fit_single(passes, seed, run, init_array)
+            # the steps on the client (k-means++ and Lloyd on the candidates, the centre
+            # updates) on one BLAS thread too, as the linear models' solvers
+            with _graph.one_blas_thread:
+                result = self._fit_single(passes, seed, run, init_array)
             if best is None or result["inertia"] < best["inertia"]:
                 best = result
         dtype = X_in.dtype if X_in.dtype.kind == "f" else np.dtype(np.float64)
@@ -322,8 +325,7 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
             s = passes.run(K.sample_partial, K.combine_samples,
                            {"stream": stream_key(seed, run, 1), "size": min(n, 100_000)},
                            name="kmeans-sample")
-            with _graph.one_blas_thread:  # the client's BLAS threads would change the bits
-                return K.kmeans_plusplus(s.rows, s.weight, k, rng)
+            return K.kmeans_plusplus(s.rows, s.weight, k, rng)
         # k-means||
         first = int(rng.integers(n))
         (row,) = _graph.compute(passes.blocks.X[first])
@@ -350,9 +352,8 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
             candidates, weights = candidates[keep], weights[keep]
         else:  # too few distinct rows attracted weight: keep all, tiny weights
             weights = np.maximum(weights, 1e-12 * max(weights.max(), 1.0))
-        with _graph.one_blas_thread:  # as every kernel, wherever it runs
-            start = K.kmeans_plusplus(candidates, weights, k, rng)
-            return K.local_lloyd(candidates, weights, start)
+        start = K.kmeans_plusplus(candidates, weights, k, rng)
+        return K.local_lloyd(candidates, weights, start)
 
     # ---------------------------------------------------------------- predict
     def _predict_dask(self, Xd):
