@@ -233,7 +233,7 @@ class _NeighborsBase(BaseEstimator):
         # the float32 copy that the search scans, computed from each block where it is
         # (and, cached, kept next to it)
         Ri = _graph.map_rows(Xi, IVF.prepared_rows, {"metric": self.metric, "center": center},
-                             np.float32, d + 1)
+                             np.float32, d + 2)
         extra = [Ri] + [data.as_rows(g[name], Xi, name) for name in ("index", "list")]
         extra.append(None if yb is None else data.as_rows(g["y"], Xi, "y"))
         Xi, (Ri, index, lists, yi), _ = data.cache(Xi, extra, self.cache, path, block_rows=rows,

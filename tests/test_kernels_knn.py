@@ -245,6 +245,26 @@ def test_ivf_frequent_prunes_and_short_nearest_lists_stay_exact(monkeypatch, met
     assert_allclose(out.distances, d, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("offset", [0.0, 1e3, 3e5])
+def test_ivf_exact_ties_at_the_kth_distance_stay_exact(monkeypatch, offset):
+    """Rows on a small integer grid (many exactly equal distances at the k-th place) far
+    from the origin, pruning after every product: the folded float32 thresholds lose no
+    row, and ties go to the lower index."""
+    rng = np.random.default_rng(7)
+    X = rng.integers(0, 4, size=(600, 3)).astype(np.float64) + offset
+    Q = rng.integers(0, 4, size=(40, 3)).astype(np.float64) + offset + 0.5 * (
+        np.arange(40)[:, None] % 2)
+    C = X[rng.choice(600, 5, replace=False)] + 0.25
+    order, lists, _ = IVF.sort_block(X, centroids=C, metric="euclidean")
+    probes = IVF.probes_block(Q, 0, centroids=C, n_probe=len(C))
+    monkeypatch.setattr(IVF, "PRUNE_EVERY", 0)
+    monkeypatch.setattr(IVF, "MIN_PRUNE", 1)
+    out = IVF.ivf_partial(X[order], 0, Q, probes, lists=lists, index=order.astype(np.int64),
+                          k=30, metric="euclidean", centroids=C)
+    D = ((Q[:, None] - X[None]) ** 2).sum(-1)
+    assert_array_equal(out.indices, np.argsort(D, axis=1, kind="stable")[:, :30])
+
+
 @settings(max_examples=80, deadline=None)
 @given(st.integers(0, 2**32 - 1), st.integers(1, 40), st.integers(2, 600),
        st.sampled_from([3, 50, 2**24]))
@@ -283,13 +303,30 @@ def test_a_prune_keeps_the_bound_of_a_query_short_of_candidates():
     """A query with fewer than k candidates so far keeps the threshold it had (from its
     nearest list); the others get the k-th smallest of theirs plus the margin."""
     qc2, margin = np.zeros(2), np.full(2, 1e-3)
-    hits = IVF._Hits(qc2, margin, k=3, limit=10**9)
+    folded = np.zeros(2, np.float32)
+    hits = IVF._Hits(qc2, margin, k=3, limit=10**9, folded=folded, every=np.full(2, 100.0))
     hits.set_threshold(slice(None), np.array([5.0, 7.0]))
-    hits.add(np.array([0, 0, 0, 0, 1]), np.array([1.0, 2.0, 3.0, 4.0, 0.5], np.float32),
-             np.arange(5))
+    assert_array_equal(folded, [-5.0, -7.0])
+    hits.add(np.array([0, 0, 0, 0, 1]), np.array([1.0, 2.0, 3.0, 4.0, 0.5]), np.arange(5))
     q, s, r = hits.prune()
     assert_allclose(hits.threshold, [3.0 + 1e-3, 7.0])
     assert_array_equal(np.sort(r), [0, 1, 2, 4])  # row 3 (4.0) is above query 0's k-th
+    assert -folded[0] >= hits.threshold[0] and folded[1] == -7.0  # rounded up
+    assert_allclose(folded, [-3.001, -7.0], rtol=1e-6)
+
+
+def test_folded_thresholds_round_up_and_stop_at_the_bound_that_takes_every_row():
+    """The products compare ``proxy - t32`` with 0: ``t32`` is ``threshold - ||q - c||^2``
+    rounded up to float32, and no more than ``every`` (an infinite or NaN threshold, one
+    short of k rows, gets ``every``)."""
+    qc2 = np.array([1.0, 2.0, 0.0, 0.0])
+    folded = np.zeros(4, np.float32)
+    every = np.array([50.0, 50.0, 50.0, 50.0])
+    hits = IVF._Hits(qc2, np.zeros(4), k=1, limit=10**9, folded=folded, every=every)
+    hits.set_threshold(slice(None), np.array([1.1, 1e9, np.inf, np.nan]))
+    t32 = -folded[0]
+    assert t32 >= 1.1 - 1.0 > np.nextafter(t32, np.float32(0))  # the float32 just above
+    assert_array_equal(folded[1:], [-50.0, -50.0, -50.0])
 
 
 @settings(max_examples=60, deadline=None)

@@ -37,6 +37,10 @@ PRUNE_EVERY = 2
 MIN_PRUNE = 1 << 15
 #: Column groups of the bound that :func:`_smallest` partitions first.
 SELECT_GROUP = 8
+#: The largest folded threshold: above ``(FAR + SAFE_NORM)^2``, under float32's largest
+#: value, and more than the ``||x - c||^2 <= SAFE_NORM^2`` that a query farther than
+#: ``FAR`` compares (so it lets every row through).
+EVERY_CAP = 2.0**121
 
 
 def _unit_or_float(X: np.ndarray, metric: str) -> np.ndarray:
@@ -197,22 +201,23 @@ def _group(lists_of_pairs: np.ndarray, n_lists: int):
 
 
 def prepare_block(X: np.ndarray, metric: str, center: np.ndarray | None = None) -> _Prepared:
-    """An index block as :func:`ivf_partial` scans it: ``[s (x - c), s^2 ||x - c||^2]`` in
-    float32.
+    """An index block as :func:`ivf_partial` scans it: ``[s (x - c), s^2 ||x - c||^2, 1]`` in
+    float32 (the ones multiply the queries' thresholds, folded into the products).
 
     ``c`` is ``center`` (the same for every block, e.g. the mean of the
     centroids), else the block's mean; rows are normalised first for "cosine".
     ``s`` is 1, or a power of two for rows outside float32's safe range
     (:func:`~dmlkit._kernels.knn.prepare_rows`).
     """
-    return prepare_rows(_unit_or_float(X, metric), "euclidean", center)
+    return prepare_rows(_unit_or_float(X, metric), "euclidean", center, ones=True)
 
 
 def prepared_rows(X: np.ndarray, *, metric: str, center: np.ndarray) -> np.ndarray:
     """Just the array of :func:`prepare_block`, never scaled (a blockwise function: the
     index stores it; :func:`ivf_tile` prepares a block whose rows are not in the safe
     range again, scaled)."""
-    return prepare_rows(_unit_or_float(X, metric), "euclidean", center, scale=1.0).rows
+    return prepare_rows(_unit_or_float(X, metric), "euclidean", center, scale=1.0,
+                        ones=True).rows
 
 
 def ivf_tile(rows: np.ndarray, offset: int, Q: np.ndarray, probes: np.ndarray, *,
@@ -222,7 +227,7 @@ def ivf_tile(rows: np.ndarray, offset: int, Q: np.ndarray, probes: np.ndarray, *
     The prepared rows can then be computed once, next to the block, and kept
     in memory with it.
     """
-    norm_max = float(np.sqrt(rows[:, -1].max())) if rows.shape[0] else 0.0
+    norm_max = float(np.sqrt(rows[:, -2].max())) if rows.shape[0] else 0.0
     if safe_norm(norm_max):
         prepared = _Prepared(rows, center_dtype(center), norm_max)
     else:  # rows too far from the centre for float32 products (or all too near it): scaled
@@ -283,21 +288,29 @@ def ivf_partial(
     if X.shape[0] == 0 or nq == 0:
         return empty_neighbors(nq, k, None if y is None else y.dtype)
     n_lists, d = centroids.shape
-    P = prepared if prepared is not None else prepare_block(X, metric)  # [x - c, ||x - c||^2]
+    P = prepared if prepared is not None else prepare_block(X, metric)  # [x - c, ||x - c||^2, 1]
     _, minus_2, qc2 = scaled_queries(Q, P)
-    Qa = np.empty((nq, d + 1), dtype=np.float32)
-    Qa[:, :d] = minus_2
-    Qa[:, d] = 1.0
-    margin = _margin(np.sqrt(qc2), P.norm_max, d)
+    # [-2 (q - c), 1, -t]: a product with the rows is the proxy less the query's threshold t
+    Qf = np.empty((nq, d + 2), dtype=np.float32)
+    Qf[:, :d] = minus_2
+    Qf[:, d] = 1.0
+    Qf[:, d + 1] = 0.0
+    q_norm = np.sqrt(qc2)
+    margin = _margin(q_norm, P.norm_max, d, folded=True)
+    # a threshold that lets every row through: proxy <= R^2 - ||q - c||^2, R = ||q - c||
+    # + max ||x - c||; larger ones are clipped to it (which bounds the folded term); for
+    # queries farther than FAR (whose products hold only ||x - c||^2) EVERY_CAP
+    every = np.fmin((q_norm + P.norm_max) ** 2 * (1 + 1e-3) - qc2 + margin, EVERY_CAP)
     bounds = np.searchsorted(lists, np.arange(n_lists + 1)).tolist()
-    hits = _Hits(qc2, margin, k, limit=max(PRUNE_EVERY * nq * k, MIN_PRUNE))
-    # thresholds from each query's nearest list (the queries grouped by it), then one scan
-    # of every probed list with the queries probing it
+    hits = _Hits(qc2, margin, k, limit=max(PRUNE_EVERY * nq * k, MIN_PRUNE), folded=Qf[:, d + 1],
+                 every=every)
+    # thresholds from each query's nearest list (the queries grouped by it, t = 0 so far),
+    # then one scan of every probed list with the queries probing it
     order0, starts0 = _group(probes[:, 0], n_lists)
-    hits.set_threshold(slice(None), _first_thresholds(P.rows, Qa, k, order0, bounds,
+    hits.set_threshold(slice(None), _first_thresholds(P.rows, Qf, k, order0, bounds,
                                                       starts0.tolist()) + qc2 + margin)
     order, starts = _group(probes.ravel(), n_lists)
-    _scan(P.rows, Qa, hits, order // n_probe, bounds, starts.tolist())
+    _scan(P.rows, Qf, hits, order // n_probe, bounds, starts.tolist())
     q, _, r = hits.prune()
     if not q.size:
         return empty_neighbors(nq, k, None if y is None else y.dtype)
@@ -308,25 +321,27 @@ def ivf_partial(
 class _Hits:
     """The candidates ``(query, proxy score, row)`` of a block and the queries' thresholds.
 
-    :func:`_scan` adds, per product, the queries, rows and float32 scores of
+    :func:`_scan` adds, per product, the queries, rows and proxy scores of
     the entries under the thresholds: small arrays, which are concatenated
     (and the scores turned into ``||q - x||^2``) only when pruning, for all
-    products at once. ``threshold`` is on ``||q - x||^2`` and ``t32`` the
-    float32 bound on the proxy ``||x - c||^2 - 2 (q - c).(x - c)`` that the
-    products are compared with, both in the block's scaled units (``s^2``
-    times: see :func:`prepare_block`); ``qc2`` is ``s^2 ||q - c||^2``.
+    products at once. ``threshold`` is on ``||q - x||^2``, in the block's
+    scaled units (``s^2`` times: see :func:`prepare_block`); ``qc2`` is
+    ``s^2 ||q - c||^2``. ``folded`` (the queries' last column in the
+    products) receives ``-t32``: ``t32`` the float32 bound on the proxy
+    ``||x - c||^2 - 2 (q - c).(x - c)`` that the products compare with 0
+    after subtracting it, at most ``every``, which lets every row through.
     """
 
-    def __init__(self, qc2, margin, k, limit):
+    def __init__(self, qc2, margin, k, limit, folded, every):
         self.qc2, self.margin, self.k, self.limit = qc2, margin, k, limit
+        self.folded, self.every = folded, every
         self.threshold = np.full(qc2.size, np.inf)
-        self.t32 = np.full(qc2.size, np.float32(np.inf))
         self.kept = (np.empty(0, np.int64), np.empty(0), np.empty(0, np.int64))
         self.q, self.s, self.r = [], [], []  # added since the last prune
         self.pending = 0
 
     def add(self, q, scores, r):
-        """Candidates: queries ``q``, rows ``r`` and their float32 proxy ``scores``."""
+        """Candidates: queries ``q``, rows ``r`` and their proxy ``scores`` (float64)."""
         self.q.append(q)
         self.s.append(scores)
         self.r.append(r)
@@ -341,7 +356,7 @@ class _Hits:
         """
         kq, ks, kr = self.kept
         q = np.concatenate([kq, *self.q])
-        s = np.concatenate([ks, *self.s])  # float64
+        s = np.concatenate([ks, *self.s])
         r = np.concatenate([kr, *self.r])
         s[kq.size :] += self.qc2[q[kq.size :]]
         q, s, r, threshold = _prune(q, s, r, self.k, self.margin, self.qc2.size)
@@ -352,9 +367,11 @@ class _Hits:
 
     def set_threshold(self, queries, threshold):
         self.threshold[queries] = threshold
+        every = self.every[queries]
         with np.errstate(invalid="ignore"):
             t = threshold - self.qc2[queries]
-        self.t32[queries] = _threshold32(np.where(np.isnan(t), np.inf, t))  # qc2 = inf
+        t = np.where(np.isnan(t) | (t > every), every, t)  # qc2 = inf: NaN
+        self.folded[queries] = -_threshold32(t)
 
 
 def _lists_to_scan(bounds, starts) -> list:
@@ -363,15 +380,16 @@ def _lists_to_scan(bounds, starts) -> list:
             if bounds[i + 1] > bounds[i] and starts[i + 1] > starts[i]]
 
 
-def _first_thresholds(rows, Qa, k: int, probing, bounds, starts) -> np.ndarray:
+def _first_thresholds(rows, Qf, k: int, probing, bounds, starts) -> np.ndarray:
     """Per query, the ``k``-th smallest proxy score among the first rows of its nearest list.
 
     List ``l`` is the nearest of the queries ``probing[starts[l] :
     starts[l + 1]]``; its first :data:`LIST_ROWS` rows are compared with
-    them (one product per list, or per :data:`LIST_QUERIES` of its queries).
-    ``inf`` where the list has fewer than ``k`` rows in the block.
+    them (one product per list, or per :data:`LIST_QUERIES` of its queries;
+    the queries' folded thresholds are still 0). ``inf`` where the list has
+    fewer than ``k`` rows in the block.
     """
-    kth = np.full(Qa.shape[0], np.inf)
+    kth = np.full(Qf.shape[0], np.inf)
     for lst in _lists_to_scan(bounds, starts):
         s0 = bounds[lst]
         e0 = min(bounds[lst + 1], s0 + LIST_ROWS)
@@ -379,21 +397,26 @@ def _first_thresholds(rows, Qa, k: int, probing, bounds, starts) -> np.ndarray:
             continue
         for a in range(starts[lst], starts[lst + 1], LIST_QUERIES):  # bounded products
             qs = probing[a : min(a + LIST_QUERIES, starts[lst + 1])]
-            D = np.matmul(Qa[qs], rows[s0:e0].T)
+            D = np.matmul(Qf[qs], rows[s0:e0].T)
             kth[qs] = np.partition(D, k - 1, axis=1)[:, k - 1]
     return kth
 
 
-def _scan(rows, Qa, hits: _Hits, probing, bounds, starts) -> None:
+def _scan(rows, Qf, hits: _Hits, probing, bounds, starts) -> None:
     """Compare every list's rows with the queries that probe it, adding the hits.
 
     List ``l`` (rows ``bounds[l]:bounds[l + 1]``) is probed by the queries
     ``probing[starts[l] : starts[l + 1]]``. Each product is
     ``(queries x rows)``, at most :data:`LIST_QUERIES` x :data:`LIST_ROWS`
-    (longer runs go in pieces); its entries under the queries' thresholds
-    are added to ``hits``.
+    (longer runs go in pieces): the proxy less each query's threshold,
+    folded in (the queries' last column holds ``-t``, the rows' a 1), so
+    that the hits are the entries at or under 0, a comparison with one
+    scalar (several times cheaper than with a threshold per query). The
+    hits' proxies (``t`` added back, in float64) go to ``hits``; a query's
+    threshold is read when its list's queries are gathered (pruning only
+    tightens it: reading it later would only take fewer hits).
     """
-    d1 = rows.shape[1]
+    d2 = rows.shape[1]
     scan = _lists_to_scan(bounds, starts)
     if not scan:
         return
@@ -401,25 +424,26 @@ def _scan(rows, Qa, hits: _Hits, probing, bounds, starts) -> None:
     # dask workers, which return freed memory to the OS eagerly)
     n_rows = min(max(bounds[i + 1] - bounds[i] for i in scan), LIST_ROWS)
     n_q = min(max(starts[i + 1] - starts[i] for i in scan), LIST_QUERIES)
-    gathered = np.empty((n_q, d1), dtype=np.float32)
-    tq = np.empty((n_q, 1), dtype=np.float32)
+    gathered = np.empty((n_q, d2), dtype=np.float32)
     tile = np.empty(n_rows * n_q, dtype=np.float32)
     mask = np.zeros(-(-tile.size // 8) * 8, dtype=bool)
     words = np.empty(mask.size // 8, dtype=bool)
+    zero = np.float32(0.0)
     for lst in scan:
         s0, e0 = bounds[lst], bounds[lst + 1]
         for a in range(starts[lst], starts[lst + 1], LIST_QUERIES):
             b = min(a + LIST_QUERIES, starts[lst + 1])
             qs = probing[a:b]
-            G = np.take(Qa, qs, axis=0, out=gathered[: b - a])
+            G = np.take(Qf, qs, axis=0, out=gathered[: b - a])
             for s in range(s0, e0, LIST_ROWS):
                 e = min(e0, s + LIST_ROWS)
                 shape = (b - a, e - s)
                 D = np.matmul(G, rows[s:e].T, out=tile[: shape[0] * shape[1]].reshape(shape))
-                t = np.take(hits.t32, qs, out=tq[: b - a, 0])  # (pruning tightens them)
-                np.less_equal(D, t[:, None], out=mask[: D.size].reshape(shape))
+                np.less_equal(D, zero, out=mask[: D.size].reshape(shape))
                 found = _hits(mask, words, D.size) if D.size > 1 << 15 else \
                     np.flatnonzero(mask[: D.size])
                 if found.size:
                     i, j = np.divmod(found, e - s)
-                    hits.add(qs[i], D.ravel()[found], j + s)
+                    scores = D.ravel()[found].astype(np.float64)
+                    scores -= G[i, d2 - 1]  # + t
+                    hits.add(qs[i], scores, j + s)
