@@ -212,8 +212,8 @@ def prepare_rows(X: np.ndarray, metric: str, center: np.ndarray | None = None,
     if ones:
         rows[:, d + 1] = 1.0
     if metric == "cosine":
-        rows[:, : d + 1] = 1.0
         rows[:, :d] = X
+        rows[:, d] = 1.0
         return _Prepared(rows, np.zeros(d, np.float32), 1.0)
     center = center_of(X) if center is None else center_dtype(center)
     if scale is None or scale == 1.0:
