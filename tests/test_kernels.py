@@ -202,25 +202,28 @@ def test_assign_weights_and_local_solvers():
     assert_allclose(np.sort(centers[:, 0]), [0, 5], atol=0.1)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("k", [1, 2, 7, 8, 33, 300])
-def test_packed_nearest_equals_argmin_for_float32(k):
+def test_members_are_the_one_hot_argmin(k, dtype):
     rng = np.random.default_rng(k)
-    X = rng.standard_normal((5000, 6)).astype(np.float32) * 1e3  # negative and positive scores
-    C = rng.standard_normal((k, 6)).astype(np.float32) * 1e3
+    X = (rng.standard_normal((5000, 6)) * 1e3).astype(dtype)  # negative and positive scores
+    C = (rng.standard_normal((k, 6)) * 1e3).astype(dtype)
     c2 = np.einsum("ij,ij->i", C, C)
-    scores = X @ (-2.0 * C.T)
+    scores = X @ (-2.0 * C.T).astype(dtype)
     expect = (scores + c2).argmin(axis=1)
-    nearest = K._Nearest(k, 5000, np.dtype(np.float32), c2)
-    assert nearest.packed
-    assert_array_equal(nearest(scores.copy()), expect)
+    members, counts = K._Members(k, 5000, np.dtype(dtype), c2)(scores)
+    assert members.dtype == dtype and members.shape == (k, 5000)
+    assert_array_equal(members, (expect[None, :] == np.arange(k)[:, None]))
+    assert_array_equal(counts, np.bincount(expect, minlength=k))
 
 
-def test_packed_nearest_picks_one_of_tied_duplicate_centres():
-    X = np.array([[0.0, 1.0], [5.0, 5.0]], dtype=np.float32)
-    C = np.array([[0.0, 0.0], [0.0, 0.0], [5.0, 5.0]], dtype=np.float32)
+def test_members_of_tied_duplicate_centres_go_to_the_lowest():
+    X = np.array([[0.0, 1.0], [5.0, 5.0], [0.0, -1.0]], dtype=np.float32)
+    C = np.array([[5.0, 5.0], [0.0, 0.0], [0.0, 0.0]], dtype=np.float32)
     c2 = np.einsum("ij,ij->i", C, C)
-    labels = K._Nearest(3, 2, np.dtype(np.float32), c2)(X @ (-2.0 * C.T))
-    assert labels[0] in (0, 1) and labels[1] == 2
+    members, counts = K._Members(3, 4, np.dtype(np.float32), c2)(X @ (-2.0 * C.T))
+    assert_array_equal(members, [[0, 1, 0], [1, 0, 1], [0, 0, 0]])  # each row counted once
+    assert_array_equal(counts, [1, 2, 0])
 
 
 @pytest.mark.parametrize("labels", [

@@ -24,6 +24,7 @@ from typing import NamedTuple
 import numpy as np
 
 from dmlkit._kernels.random import uniform_rows
+from dmlkit._kernels.scratch import scratch
 
 #: Rows per sub-block inside a chunk: keeps the (rows x clusters) distance
 #: matrix in cache and lets float32 partial sums be flushed to float64 often.
@@ -144,40 +145,39 @@ class LloydPartial(NamedTuple):
     inertia: float
 
 
-class _Nearest:
-    """Index of the smallest ``scores[i] + c2`` per row, reusing buffers across sub-blocks.
+class _Members:
+    """One-hot memberships of rows in their nearest centre, with buffers reused across
+    sub-blocks.
 
-    For float32 scores (and fewer than 2**29 centres) this avoids ``argmin``
-    along a short axis, which NumPy runs one row at a time. Each score is
-    widened to float64, where a float32 value leaves the 29 lowest mantissa
-    bits zero; the centre's index is written into those bits and one
-    vectorised minimum over the centres gives value and index together. A
-    float32 value then moves by less than half of one of its own units in the
-    last place, so distinct scores keep their order; only exactly equal scores
-    (duplicate centres) may pick another of the tied centres than ``argmin``.
+    The scores (rows x centres, as the product gives them) plus each centre's
+    constant are written transposed, (centres x rows), so that the minimum over
+    the centres is one vectorised pass along the long axis (NumPy reduces a
+    short axis one row at a time) and a row's membership is whether its score
+    equals that minimum: no labels, no ``argmin``. A row whose minimum is
+    shared by several centres (duplicate centres) would count in each; the
+    memberships' column sums show it, and such a sub-block is assigned by
+    ``argmin`` instead, which picks the lowest of the tied centres.
     """
 
     def __init__(self, k: int, rows: int, dtype, c2: np.ndarray):
-        self.packed = dtype == np.float32 and k < 2**29
-        self.c2 = c2
-        if self.packed:
-            bits = max(1, int(k - 1).bit_length())
-            self.mask = np.int64((1 << bits) - 1)
-            self.codes = np.arange(k, dtype=np.int64)[:, None]
-            self.buf = np.empty((k, rows), dtype=np.float64)
-            self.c2col = c2[:, None]
+        self.c2col = c2[:, None]
+        self.T = scratch("kmeans.scores_t", (k, rows), dtype)
+        self.best = scratch("kmeans.best", (rows,), dtype)
+        self.onehot = scratch("kmeans.onehot", (k, rows), dtype)
+        self.ones = np.ones(rows, dtype=dtype)
+        self.ids = np.arange(k)[:, None]
 
-    def __call__(self, scores: np.ndarray) -> np.ndarray:
-        if not self.packed:
-            scores += self.c2
-            return scores.argmin(axis=1)
+    def __call__(self, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(members, counts)``: (k, rows) 0/1 in ``scores``' dtype, and (k,) row counts."""
         nb = scores.shape[0]
-        T = self.buf[:, :nb]
-        np.add(scores.T, self.c2col, out=T)  # float32 sum, widened exactly
-        Ti = T.view(np.int64)
-        Ti |= self.codes
-        best = np.minimum.reduce(T, axis=0)
-        return best.view(np.int64) & self.mask
+        T = np.add(scores.T, self.c2col, out=self.T[:, :nb])
+        best = np.minimum.reduce(T, axis=0, out=self.best[:nb])
+        members = np.equal(T, best, out=self.onehot[:, :nb])
+        counts = members @ self.ones[:nb]  # exact: integers below 2**24
+        if float(counts.sum()) != nb:  # a row tied between centres
+            members = np.equal(T.argmin(axis=0), self.ids, out=members)
+            counts = members @ self.ones[:nb]
+        return members, counts
 
 
 def lloyd_partial(
@@ -218,28 +218,26 @@ def lloyd_partial(
     weights = np.zeros(k, dtype=np.float64)
     inertia = 0.0 if exact else np.nan
     step = min(_block_rows(k), X.shape[0])
-    scores = np.empty((step, k), dtype=X.dtype)
-    onehot = np.empty((k, step), dtype=X.dtype)
-    nearest = _Nearest(k, step, X.dtype, c2)
-    ids = np.arange(k)[:, None]
-    moved = np.empty((min(SUM_ROWS, step), d), dtype=X.dtype) if shift else None
+    scores = scratch("kmeans.scores", (step, k), X.dtype)
+    nearest = _Members(k, step, X.dtype, c2)
+    moved = scratch("kmeans.moved", (min(SUM_ROWS, step), d), X.dtype) if shift else None
     for s in range(0, X.shape[0], step):
         Xb = X[s : s + step]
         nb = Xb.shape[0]
-        labels = nearest(np.matmul(Xb, minus_2ct, out=scores[:nb]))
-        members = np.equal(labels[None, :], ids, out=onehot[:, :nb])
+        members, counts = nearest(np.matmul(Xb, minus_2ct, out=scores[:nb]))
         if w is None:
-            weights += np.bincount(labels, minlength=k)
+            weights += counts
         else:
             wb = w[s : s + nb]
+            weights += members @ wb.astype(np.float64)  # 0/1 times float64 weights
             members *= wb.astype(X.dtype, copy=False)
-            weights += np.bincount(labels, weights=wb, minlength=k)
         for a in range(0, nb, SUM_ROWS):  # short products: much faster than one long one
             rows = Xb[a : a + SUM_ROWS]
             if shift:
                 rows = np.subtract(rows, m32, out=moved[: rows.shape[0]])
             sums += members[:, a : a + SUM_ROWS] @ rows
         if exact:
+            labels = members.argmax(axis=0)
             diff = Xb - C[labels]
             d2 = np.einsum("ij,ij->i", diff, diff)
             inertia += float(d2.sum(dtype=np.float64) if w is None
