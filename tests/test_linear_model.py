@@ -11,7 +11,7 @@ from sklearn import linear_model as sk
 from sklearn.exceptions import ConvergenceWarning
 
 from dmlkit import LinearRegression, LogisticRegression, Ridge
-from dmlkit._kernels.glm import glm_partial
+from dmlkit._kernels.glm import glm_partial, pointwise
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +165,24 @@ def test_glm_kernel_gradient_matches_finite_differences():
             - glm_partial(X, None, 0, theta=theta - eps * e, **kw).loss) / (2 * eps)
            for e in np.eye(12)]
     assert_allclose(g, num, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_log_loss_pointwise_against_scipy_far_from_zero(weighted):
+    from scipy.special import expit
+
+    z = np.concatenate([np.linspace(-800, 800, 201), [-40, -1e-9, 0.0, 1e-9, 40]])
+    y = np.arange(z.size) % 2
+    w = np.linspace(0.5, 2, z.size) if weighted else None
+    loss, D, c = pointwise(z[:, None], y, w, "binomial")
+    wf = np.ones(z.size) if w is None else w
+    p = expit(z)
+    assert_allclose(loss, wf @ (np.logaddexp(0.0, z) - y * z), rtol=1e-14)
+    assert_allclose(D[:, 0], wf * (p - y), rtol=0, atol=4e-16)
+    # the curvature keeps its relative precision in the tails (p (1 - p) ~ exp(-|z|))
+    e = np.exp(-np.abs(z))
+    assert_allclose(c, wf * e / (1 + e) ** 2, rtol=1e-14, atol=1e-300)
+    assert (c[np.abs(z) < 700] > 0).all()
 
 
 @pytest.mark.parametrize("family, n_classes", [("binomial", 2), ("multinomial", 3)])

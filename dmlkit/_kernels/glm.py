@@ -22,6 +22,7 @@ from typing import NamedTuple
 import numpy as np
 
 from dmlkit._kernels.kmeans import _as_float
+from dmlkit._kernels.scratch import scratch
 from dmlkit._kernels.stats import Moments, combine_moments, moments
 
 #: Rows per sub-block inside a chunk.
@@ -109,6 +110,42 @@ def _gram(X: np.ndarray, v: np.ndarray, fit_intercept: bool) -> np.ndarray:
     return out
 
 
+def _binomial(z: np.ndarray, yf: np.ndarray, w: np.ndarray | None, curvature: bool):
+    """:func:`pointwise` for the log loss, from one exponential ``e = exp(-|z|)``.
+
+    ``loss = max(z, 0) + log(1 + e) - y z``; ``q = e / (1 + e)`` is the smaller
+    of ``p`` and ``1 - p`` (``p`` the sigmoid of ``z``), exact to its last bits
+    however far ``z`` is from 0, so ``p - y = copysign(1/2 - q, z) - (y - 1/2)``
+    and the curvature ``p (1 - p) = q (1 - q)`` keep their precision.
+    ``log(1 + e)`` rounds by about 1e-16 absolute, nothing against a sum of
+    losses.
+    """
+    e = np.abs(z)
+    np.negative(e, out=e)
+    np.exp(e, out=e)
+    t = np.add(e, 1.0)
+    positive = np.maximum(z, 0.0)
+    np.log(t, out=t)
+    if w is None:
+        loss = float(positive.sum()) + float(t.sum()) - float(yf @ z)
+    else:
+        loss = float(w @ positive) + float(w @ t) - float(w @ (yf * z))
+    np.add(e, 1.0, out=t)
+    q = np.divide(e, t, out=e)
+    c = None
+    if curvature:
+        c = q * (1.0 - q)
+        if w is not None:
+            c *= w
+    d = np.subtract(0.5, q, out=t)
+    np.copysign(d, z, out=d)  # p - 1/2
+    d -= yf
+    d += 0.5  # p - y
+    if w is not None:
+        d *= w
+    return loss, d[:, None], c
+
+
 def pointwise(Z: np.ndarray, y: np.ndarray, w: np.ndarray | None, family: str,
               epsilon: float = 1.35, curvature: bool = True):
     """Weighted loss sum, its derivative in ``Z`` and (when cheap) its curvature.
@@ -184,18 +221,7 @@ def pointwise(Z: np.ndarray, y: np.ndarray, w: np.ndarray | None, family: str,
         return (loss, (d if w is None else w * d)[:, None],
                 c if curvature else None)
     if family == "binomial":
-        # one exp serves both the log loss and the probability
-        e = np.exp(-np.abs(z))
-        loss = total(np.maximum(z, 0.0) + np.log1p(e) - yf * z)
-        inv = 1.0 / (1.0 + e)
-        p = np.where(z >= 0, inv, e * inv)
-        d = p - yf
-        if not curvature:
-            c = None
-        else:
-            c = p * (1.0 - p)
-            c = c if w is None else w * c
-        return loss, (d if w is None else w * d)[:, None], c
+        return _binomial(z, yf, w, curvature)
     raise ValueError(f"family={family!r} should be one of {FAMILIES}")
 
 
@@ -271,21 +297,21 @@ def glm_partial(
     k = coef.shape[0]
     g_coef, g_int = grad[: k * d].reshape(k, d), grad[k * d :]
     hess = np.zeros((d + fit_intercept, d + fit_intercept)) if hessian else None
-    # one buffer for the float64 copies of the sub-blocks: a fresh one each time costs page
-    # faults where large temporaries are mmap-ed (dask workers' default malloc settings)
+    # the float64 copies of the sub-blocks in this thread's scratch buffer (see
+    # dmlkit._kernels.scratch: a fresh one each call costs page faults in dask's workers)
     # sub-blocks: float32 products are flushed into float64 sums every few thousand rows; with
     # several outputs, fewer rows (each (rows, k) temporary under 128 KiB up to k = 16)
     step = max(1024, SUB_BLOCK_ROWS // k)
     if precise and X.dtype != np.float64:  # the float64 copy of a sub-block: at most 4 MiB
         step = max(64, min(step, PRECISE_BUFFER_BYTES // (8 * max(d, 1))))
-        wide = np.empty((min(n, step), d))
+        wide = scratch("glm.wide", (min(n, step), d), np.float64)
     else:
         wide = None
     if shift is not None:
         shift = np.asarray(shift, dtype=X.dtype)
         if shift.shape != (d,):
             raise ValueError(f"shift has shape {shift.shape}; expected ({d},)")
-        shifted = np.empty((min(n, step), d), dtype=X.dtype)
+        shifted = scratch("glm.shifted", (min(n, step), d), X.dtype)
     sample = hessian_sample(int(offset), n, int(hessian_every)) if hessian else None
     hess_weight = weight if sample is None else float(sum(wf[a:b].sum() for a, b in sample))
     at = 0  # the first sampled run not behind the current sub-block
@@ -301,7 +327,7 @@ def glm_partial(
             np.copyto(Xw, Xb)
             Z = Xw @ coef.T + intercept  # (rows, k)
         else:
-            Z = (Xb @ coef_t).astype(np.float64) + intercept
+            Z = Xb @ coef_t + intercept  # the float32 products widened in the sum
         whole = hessian and sample is None
         part, D, curvature = pointwise(Z, yb, wb, family, epsilon, curvature=whole)
         loss += part
