@@ -182,12 +182,19 @@ def run(args: argparse.Namespace) -> dict:
             to = None if i is None else secs - float(sum(secs_iter[i + 1:]))
             # the first iteration of a cached fit also loads the store: left out
             per_pass = [h["seconds"] / h["passes"] for h in hist[1:] or hist if h["passes"]]
+            # the same split by the passes' precision: float32 products, or float64 near the
+            # optimum (`history_`'s "float64")
+            by_kind = {kind: [h["seconds"] / h["passes"] for h in hist[1:] or hist
+                              if h["passes"] and h.get("float64", False) == (kind == "float64")]
+                       for kind in ("float32", "float64")}
             row = record(label, secs, f, m.n_iter_, m.n_passes_, to_f_star=to,
                          note=note or f"converged_={m.converged_}",
                          passes_seconds_to_f_star=(None if i is None
                                                    else float(sum(secs_iter[:i + 1]))),
                          iteration_to_f_star=None if i is None else i + 1,
                          seconds_per_pass=float(np.median(per_pass)) if per_pass else None,
+                         seconds_per_pass_by_precision={
+                             k: float(np.median(v)) for k, v in by_kind.items() if v},
                          history=hist)
             return row
 
@@ -244,6 +251,9 @@ def run(args: argparse.Namespace) -> dict:
                 best[source]["seconds_to_f_star"] / sk_time_to_f_star)
     stream = rows[results["streaming"]]
     summary["streaming_pass_vs_raw_read"] = stream["seconds_per_pass"] / results["raw_read_seconds"]
+    summary["streaming_pass_vs_raw_read_by_precision"] = {
+        k: v / results["raw_read_seconds"]
+        for k, v in stream.get("seconds_per_pass_by_precision", {}).items()}
     mine = rows.get("dmlkit lbfgs (in the workers' memory)")
     dm = rows.get("dask-ml lbfgs")
     if dm is not None and mine is not None and dm["seconds"] is not None:
@@ -344,8 +354,13 @@ def report(results: dict) -> str:
         lines.append(f"- dask-ml lbfgs fit / dmlkit lbfgs (in the workers' memory) fit: "
                      f"{s['dask_ml_lbfgs_vs_dmlkit_lbfgs_fit']:.1f}x; dask-ml lbfgs fit / best "
                      f"dmlkit time to f*: {s['dask_ml_lbfgs_vs_best_dmlkit_to_f_star']:.1f}x")
+    split = s.get("streaming_pass_vs_raw_read_by_precision", {})
+    by_method = {r["method"]: r for r in results["rows"]}
+    counts = {k: sum(1 for h in by_method[results["streaming"]]["history"][1:]
+                     if h.get("float64", False) == (k == "float64")) for k in split}
+    detail = "; ".join(f"{k} passes ({counts[k]} iterations): {v:.2f}x" for k, v in split.items())
     lines.append(f"- {results['streaming']} pass / one raw read of the store: "
-                 f"{s['streaming_pass_vs_raw_read']:.2f}x")
+                 f"{s['streaming_pass_vs_raw_read']:.2f}x" + (f" ({detail})" if detail else ""))
     lines += [
         "- dmlkit \"to f*\": the whole fit (class pass, cache loading or placing, setup) less "
         "the passes "

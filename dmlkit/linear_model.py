@@ -503,10 +503,10 @@ class _LinearModel(BaseEstimator):
         self._center = center  # (with the coefficients: a warning raised as an error stops both)
         return theta
 
-    def _record(self, f, g, step, seconds, passes, bar):
+    def _record(self, f, g, step, seconds, passes, bar, float64=False):
         self.history_.append({"iteration": len(self.history_) + 1, "objective": f,
                               "grad_norm": float(np.abs(g).max()), "step": step,
-                              "seconds": seconds, "passes": passes})
+                              "seconds": seconds, "passes": passes, "float64": bool(float64)})
         bar.update(1)
         bar.set_postfix_str(f"objective {f:.6g}")
 
@@ -543,7 +543,7 @@ class _LinearModel(BaseEstimator):
             step = float(np.abs(x - last["theta"]).max())
             last["theta"] = x.copy()
             self._record(float(intermediate_result.fun) * f_unit, last["g"], step,
-                         last["seconds"], last["passes"], bar)
+                         last["seconds"], last["passes"], bar, evaluate.precise)
             last["passes"], last["seconds"] = 0, 0.0
 
         done = len(self.history_)  # (iterations Newton made before handing over)
@@ -612,7 +612,7 @@ class _LinearModel(BaseEstimator):
             f, g, _, sec = evaluate(y)
             passes, seconds = passes + evaluate.runs, seconds + sec
             objective = f + l1 * float(np.abs(y[pen]).sum())
-            self._record(objective, mapping, 1.0 / L, seconds, passes, bar)
+            self._record(objective, mapping, 1.0 / L, seconds, passes, bar, evaluate.precise)
             passes, seconds = 0, 0.0
         self.n_iter_ = len(self.history_)
         return x
@@ -647,7 +647,7 @@ class _LinearModel(BaseEstimator):
             s_, y_ = candidate - theta, g_new - g
             sy = float(s_ @ y_)
             theta, f, g = candidate, f_new, g_new
-            self._record(f, g, eta, seconds, passes, bar)
+            self._record(f, g, eta, seconds, passes, bar, evaluate.precise)
             passes, seconds = 0, 0.0
             recent = (recent + [f])[-10:]
             if sy > 0:
@@ -688,13 +688,13 @@ class _LinearModel(BaseEstimator):
                 # the Hessian is not good enough for this problem
                 if f_new < f:
                     theta, f, g = candidate, f_new, g_new
-                    self._record(f, g, float(np.abs(direction).max()), seconds, passes, bar)
+                    self._record(f, g, float(np.abs(direction).max()), seconds, passes, bar, evaluate.precise)
                     passes, seconds = 0, 0.0
                 if evaluate.small(g) or len(self.history_) >= self.max_iter:
                     break
                 return self._lbfgs(evaluate, theta, bar, start=(f, g, seconds, passes))
             theta, f, g = candidate, f_new, g_new
-            self._record(f, g, float(np.abs(direction).max()), seconds, passes, bar)
+            self._record(f, g, float(np.abs(direction).max()), seconds, passes, bar, evaluate.precise)
             passes, seconds = 0, 0.0
             # (a step from a float32 gradient is as good as that gradient: go on)
             exact = evaluate.precise
@@ -738,10 +738,10 @@ class _LinearModel(BaseEstimator):
                                 and float(np.abs(g_new).max()) > 0.5 * g_max):
                 if accepted:  # the objective cannot decrease any more: keep the point, stop
                     theta, f, g, H = candidate, f_new, g_new, H_new
-                    self._record(f, g, float(step * np.abs(direction).max()), seconds, passes, bar)
+                    self._record(f, g, float(step * np.abs(direction).max()), seconds, passes, bar, evaluate.precise)
                 break  # no decrease left within floating point precision: stop
             theta, f, g, H = candidate, f_new, g_new, H_new
-            self._record(f, g, float(step * np.abs(direction).max()), seconds, passes, bar)
+            self._record(f, g, float(step * np.abs(direction).max()), seconds, passes, bar, evaluate.precise)
             passes, seconds = 0, 0.0
         self.converged_ = evaluate.small(g)
         self.n_iter_ = len(self.history_)
@@ -792,7 +792,10 @@ class LinearRegression(RegressorMixin, LinearRegressorMixin, _LinearModel):
     history_ : list of dict
         Per iteration: ``objective`` (scikit-learn's objective divided by
         twice the total weight: ``sum w r^2 / 2 + alpha ||coef||^2 / 2``, over
-        ``sum w``), ``grad_norm``, ``step``, ``seconds``, ``passes``.
+        ``sum w``), ``grad_norm``, ``step``, ``seconds``, ``passes``, and
+        ``float64``: whether the iteration's (last) pass computed ``z`` and the
+        gradient in float64 (float32 data near the optimum, see
+        :data:`PRECISE_BELOW`).
 
     Notes
     -----
@@ -918,7 +921,8 @@ class LogisticRegression(ClassifierMixin, LinearClassifierMixin, _LinearModel):
         Per iteration: ``objective`` (scikit-learn's objective divided by
         ``C * sum(sample_weight)``, i.e. the mean loss plus the penalty over
         ``C`` times the total weight), ``grad_norm`` (largest entry of its
-        gradient), ``step``, ``seconds`` and ``passes`` over the data.
+        gradient), ``step``, ``seconds``, ``passes`` over the data and
+        ``float64``, as in :class:`LinearRegression`.
     n_passes_ : int
         Passes over the data in all (the pass finding the classes excluded).
 

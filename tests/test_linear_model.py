@@ -115,7 +115,7 @@ def test_newton_one_pass_per_iteration(problem):
     assert passes[0] == 2  # the start point, then the first step
     assert all(p == 1 for p in passes[1:])  # full Newton steps: one pass each
     assert m.n_passes_ == sum(passes)
-    assert {"objective", "grad_norm", "step", "seconds", "passes"} <= set(m.history_[0])
+    assert {"objective", "grad_norm", "step", "seconds", "passes", "float64"} <= set(m.history_[0])
     objectives = [h["objective"] for h in m.history_]
     assert all(b <= a for a, b in zip(objectives, objectives[1:]))
 
@@ -215,6 +215,9 @@ def test_multinomial_on_float32_data_converges_to_the_default_tol(tmp_path):
         y = da.from_zarr(path, component="y").rechunk(chunks)
         m = LogisticRegression().fit(X, y)
         assert m.converged_ and m.history_[-1]["grad_norm"] <= m.tol
+        # float32 passes first; float64 ones from where the gradient is small, to the end
+        flags = [h["float64"] for h in m.history_]
+        assert not flags[0] and flags[-1] and flags == sorted(flags)
 
 
 # ----------------------------------------------------------------- bad input
