@@ -252,3 +252,21 @@ def test_label_counts_equal_numpy_unique(labels):
                                   block_label_counts(None, None, half, y=labels[half:]))
     assert_array_equal(merged[0], ref_values)
     assert_array_equal(merged[1], ref_counts)
+
+
+def test_scratch_buffers_are_per_name_and_per_thread():
+    import threading
+
+    from dmlkit._kernels.scratch import scratch
+
+    a = scratch("test.a", (4, 3), np.float32)
+    assert a.shape == (4, 3) and a.dtype == np.float32 and a.flags.c_contiguous
+    assert np.shares_memory(a, scratch("test.a", (2, 2), np.float64))  # reused: fits
+    assert not np.shares_memory(a, scratch("test.b", (4, 3), np.float32))
+    big = scratch("test.a", (100, 100), np.float64)  # grown
+    assert big.shape == (100, 100) and not np.shares_memory(a, big)
+    other = []
+    t = threading.Thread(target=lambda: other.append(scratch("test.a", (100, 100), np.float64)))
+    t.start()
+    t.join()
+    assert not np.shares_memory(big, other[0])  # each thread has its own
