@@ -46,6 +46,7 @@ from dask.delayed import optimize as _optimize_delayed
 from dask.threaded import get as _threaded_get
 from dask.highlevelgraph import HighLevelGraph
 
+from dmlkit import _store
 from dmlkit._kernels.stats import combine_stats, data_stats
 
 DEFAULT_SPLIT_EVERY = 8
@@ -346,16 +347,39 @@ def aligned(a):
 
 
 def _map_group(kernel: Callable, params: dict, members: Sequence[int], offsets: Sequence[int],
-               xs: Sequence, ws: Sequence | None, ys: Sequence | None, *, combine: Callable,
-               fan_in: int, n_blocks: int) -> dict:
-    """The kernel on each block of a group (the blocks one worker thread holds), and the
+               xs: Sequence | None, ws: Sequence | None, ys: Sequence | None, *,
+               combine: Callable, fan_in: int, n_blocks: int,
+               source: _store.ZarrSource | None = None, stops: Sequence[int] | None = None) -> dict:
+    """The kernel on each block of a group (the blocks one worker thread holds, or reads
+    from ``source``: rows ``offsets[i] .. stops[i]``, when ``xs`` is None), and the
     subtrees of the reduction tree that the group holds entirely (:func:`fold_held`)."""
     records = {}
-    for i, (b, x, offset) in enumerate(zip(members, xs, offsets)):
+    for i, (b, offset) in enumerate(zip(members, offsets)):
         w = None if ws is None else aligned(ws[i])
         y = None if ys is None else aligned(ys[i])
-        records[b] = _call(kernel, aligned(x), w, int(offset), params, y)
+        if xs is None:
+            records[b] = _store.with_rows(
+                source, int(offset), int(stops[i]),
+                lambda x: _call(kernel, x, w, int(offset), params, y))
+        else:
+            records[b] = _call(kernel, aligned(xs[i]), w, int(offset), params, y)
     return fold_held(records, members, n_blocks, combine, fan_in)
+
+
+def _stream_slots(n_blocks: int, vectors: Sequence[da.Array]) -> list | None:
+    """The worker thread that reads each block of a streamed ``X`` (see
+    :class:`RowBlocks`): the one holding the block's weights and ``y`` when they are
+    cached placed, else contiguous runs over the cluster's threads (when nothing
+    else is read); None without a distributed client."""
+    from dmlkit import data
+
+    if vectors:
+        slots = [getattr(v, "_dmlkit_slots", None) for v in vectors]
+        if any(s is None for s in slots) or any(list(s) != list(slots[0]) for s in slots):
+            return None
+        return list(slots[0])
+    client = data._client()
+    return None if client is None else data.block_slots(n_blocks, client)
 
 
 def _column(v):
@@ -368,6 +392,16 @@ def _map_block(x, *rest, kernel, offsets, has_w, block_id=None):
     w = columns.pop(0)[:, 0] if has_w else None
     y = columns.pop(0)[:, 0] if columns else None
     return _call(kernel, aligned(x), w, int(offsets[block_id[0]]), params, y)
+
+
+def _map_read(*rest, kernel, source, bounds, has_w, block_id=None):
+    """:func:`_map_block` for a block the task reads itself, straight from the store's
+    chunk files (:mod:`dmlkit._store`); the columns are the block's weights and targets."""
+    params, columns = rest[-1], [aligned(c) for c in rest[:-1]]
+    w = columns.pop(0)[:, 0] if has_w else None
+    y = columns.pop(0)[:, 0] if columns else None
+    start, stop = (int(b) for b in bounds[block_id[0]])
+    return _store.with_rows(source, start, stop, lambda x: _call(kernel, x, w, start, params, y))
 
 
 #: Seconds :meth:`RowBlocks.held` waits to hear that blocks a caller holds are in memory.
@@ -400,6 +434,12 @@ class RowBlocks:
     calling process folds the rest of the tree and its root. These are the
     same operations in the same order as the tree of tasks, hence the same
     result.
+
+    When ``X`` is an uncompressed local Zarr array as :mod:`dmlkit.data` opens
+    it (its ``_dmlkit_source``), the pass's own tasks read its blocks from the
+    chunk files (:meth:`partials`), and on a distributed cluster the passes go
+    to resident actors that read them (:mod:`dmlkit._resident`): the same rows,
+    kernels and folds, so the same bits as a pass through zarr.
     """
 
     def __init__(self, X: da.Array, sample_weight: da.Array | None = None,
@@ -421,9 +461,21 @@ class RowBlocks:
         # with None would be a task of its own per block and pass)
         self._args = [X] + [v.map_blocks(_column, new_axis=1, chunks=(v.chunks[0], (1,)))
                             for v in (sample_weight, y) if v is not None]
-        #: which worker thread holds each block, when known (a placed copy)
+        #: where the blocks of X lie in an uncompressed local Zarr store (dmlkit.data tags
+        #: the arrays it opens): a pass then reads them itself, see :meth:`partials`
+        source = getattr(X, "_dmlkit_source", None)
+        self.source = (source if source is not None and offsets is None
+                       and source.shape == X.shape and np.dtype(source.dtype) == X.dtype
+                       else None)
+        #: which worker thread holds each block, when known (a placed copy), or reads it in
+        #: resident passes (a streamed X with a source, on a distributed cluster)
         self.slots = getattr(X, "_dmlkit_slots", None)
-        self.groups = groups_of(self.slots)
+        if self.source is not None and self.slots is None:
+            self.slots = _stream_slots(self.n_blocks, [v for v in (sample_weight, y)
+                                                       if v is not None])
+        # the groups of a placed copy map one task per thread; a streamed X's tasks, when
+        # its passes run as tasks, are the tree's (one per block)
+        self.groups = groups_of(self.slots) if self.source is None else None
         self._holders: Any = False  # not created yet
 
     @property
@@ -459,9 +511,31 @@ class RowBlocks:
         return RowBlocks(X, w, y, offsets=offsets)
 
     def partials(self, kernel: Callable, params: dict | None = None, name: str = "partial"):
-        """The per-block partial results, one ``Delayed`` per row block, in row order."""
+        """The per-block partial results, one ``Delayed`` per row block, in row order.
+
+        Blocks of an array read from an uncompressed local Zarr store
+        (:attr:`source`) are read by the pass's own tasks, each into its
+        thread's reused buffer (:func:`dmlkit._store.with_rows`); the kernel
+        sees the same rows as through zarr, so the results are the same bits.
+        """
         shipped = ship(params if params is not None else {})
         token = dask.base.tokenize(kernel, shipped, *self._args)
+        if self.source is not None:
+            bounds = np.stack([self.offsets, self.offsets + np.asarray(self.row_chunks)], axis=1)
+            if len(self._args) == 1:  # nothing else to read through dask
+                task = dask.delayed(_map_read, pure=True)
+                parts = [task(shipped, kernel=kernel, source=self.source, bounds=bounds[i : i + 1],
+                              has_w=False, block_id=(0, 0),
+                              dask_key_name=(f"{name}-map-{token}", i, 0))
+                         for i in range(self.n_blocks)]
+                return parts, token
+            parts = da.map_blocks(
+                _map_read, *self._args[1:], shipped, kernel=kernel, source=self.source,
+                bounds=bounds, has_w=self.sample_weight is not None,
+                name=f"{name}-map-{token}", dtype=object, chunks=((1,) * self.n_blocks, (1,)),
+                meta=np.empty((0, 0), dtype=object),
+            )
+            return list(parts.to_delayed(optimize_graph=True).ravel()), token
         parts = da.map_blocks(
             _map_block, *self._args, shipped, kernel=kernel, offsets=self.offsets,
             has_w=self.sample_weight is not None,
@@ -514,7 +588,7 @@ class RowBlocks:
         """Whether a pass would now run on the workers' resident actors: ``X``'s blocks are
         in their memory (the actors start at that pass if they have not yet)."""
         resident = self._resident()
-        if (resident is None or resident.closed
+        if (self.source is not None or resident is None or resident.closed
                 or dask.base.get_scheduler() != resident.client.get):
             return False
         futures = resident.futures[0]

@@ -1,8 +1,10 @@
 """Resident passes: the kernels of a pass run next to the blocks, without a task graph.
 
 When the blocks of a fit are held in the workers' memory (a copy cached by
-:func:`dmlkit.data.persist_placed`), every pass maps the same kind of kernel
-over the same blocks; only the parameters change. Going through the
+:func:`dmlkit.data.persist_placed`), or streamed from an uncompressed local
+Zarr store whose chunk files the workers read themselves (:mod:`dmlkit._store`),
+every pass maps the same kind of kernel over the same blocks; only the
+parameters change. Going through the
 scheduler costs each pass a graph (built, tokenised, sent), the scheduler's
 work, and the batching delays of its messages: 10-30 ms on a small machine,
 as much as the kernels themselves take on a few million rows.
@@ -10,7 +12,10 @@ as much as the kernels themselves take on a few million rows.
 A :class:`BlockHolder` is a Dask actor created on each worker that holds
 blocks, with those blocks as its arguments (so it references the very arrays
 the worker holds, no copy; a block's weights or ``y`` kept elsewhere are
-copied to it). A pass sends it the kernel, the parameters and the
+copied to it). For a streamed ``X`` it holds the rows it reads instead (the
+worker threads of :func:`dmlkit._graph._stream_slots`: those holding the
+cached weights and ``y``, else even runs of blocks) and reads them from the
+store's files at every pass, into its threads' reused buffers. A pass sends it the kernel, the parameters and the
 combine directly; it maps the kernel over each group of blocks (one group per
 worker thread, in parallel) and folds the subtrees of the reduction tree each
 group holds (:func:`dmlkit._graph.fold_held`). The caller folds the rest, as
@@ -32,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
 import dask
+import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +67,8 @@ class BlockHolder:
         Each block's ``X``, weights and targets (``ws``/``ys`` None when absent).
     """
 
-    def __init__(self, groups: list, offsets: dict, n_blocks: int, xs: dict,
-                 ws: dict | None, ys: dict | None):
+    def __init__(self, groups: list, offsets: dict, n_blocks: int, xs: dict | None,
+                 ws: dict | None, ys: dict | None, source: Any = None, stops: dict | None = None):
         from dmlkit._graph import aligned
 
         self.groups = groups
@@ -70,6 +76,7 @@ class BlockHolder:
         self.n_blocks = n_blocks
         self.xs, self.ws, self.ys = ({b: aligned(v) for b, v in d.items()} if d is not None
                                      else None for d in (xs, ws, ys))
+        self.source, self.stops = source, stops
         self.pool = ThreadPoolExecutor(len(groups)) if len(groups) > 1 else None
 
     def _group(self, members: list, kernel: Callable, params: dict, combine: Callable,
@@ -79,7 +86,8 @@ class BlockHolder:
         pick = (lambda d: None if d is None else [d[b] for b in members])
         return _map_group(kernel, params, members, [self.offsets[b] for b in members],
                           pick(self.xs), pick(self.ws), pick(self.ys), combine=combine,
-                          fan_in=fan_in, n_blocks=self.n_blocks)
+                          fan_in=fan_in, n_blocks=self.n_blocks, source=self.source,
+                          stops=None if self.stops is None else pick(self.stops))
 
     def run(self, jobs: Sequence[tuple]) -> list[list[dict]]:
         """For each job ``(kernel, params, combine, fan_in)``, each group's held subtrees."""
@@ -110,11 +118,14 @@ class Resident:
     """
 
     def __init__(self, futures: Sequence, offsets: Sequence[int], client,
-                 slots: Sequence | None = None):
+                 slots: Sequence | None = None, source: Any = None,
+                 stops: Sequence[int] | None = None):
         self.client = client
-        self.futures = futures
-        self.slots = slots  # the worker thread of each block, when known to hold it
+        self.futures = futures  # futures[0] is None when X is read from ``source``
+        self.slots = slots  # the worker thread of each block, when known to hold (or read) it
         self.offsets = [int(o) for o in offsets]
+        self.source = source
+        self.stops = None if stops is None else [int(s) for s in stops]
         self.actors: dict | None = None  # worker address -> actor future, once created
         self.handles: dict | None = None
         self.closed = False
@@ -122,6 +133,7 @@ class Resident:
     def _create(self) -> None:
         """Submit one actor per worker holding blocks, next to them."""
         X = self.futures[0]
+        n_blocks = len(self.offsets)
         workers = self.client.scheduler_info(n_workers=-1)["workers"]
         if self.slots is not None:  # the holders the scheduler named when X was cached
             where = [addr for addr, _ in self.slots]
@@ -140,9 +152,11 @@ class Resident:
             t = min(nthreads[addr], len(blocks))
             groups = [blocks[i * len(blocks) // t : (i + 1) * len(blocks) // t] for i in range(t)]
             xs, ws, ys = (None if f is None else {b: f[b] for b in blocks} for f in self.futures)
+            stops = None if self.stops is None else {b: self.stops[b] for b in blocks}
             self.actors[addr] = self.client.submit(
-                BlockHolder, groups, {b: self.offsets[b] for b in blocks}, len(X), xs, ws, ys,
-                workers=[addr], allow_other_workers=False, actor=True, pure=False)
+                BlockHolder, groups, {b: self.offsets[b] for b in blocks}, n_blocks, xs, ws, ys,
+                self.source, stops, workers=[addr], allow_other_workers=False, actor=True,
+                pure=False)
 
     def ready(self) -> bool:
         """True once every actor exists; False (for good) after a failure."""
@@ -151,7 +165,8 @@ class Resident:
         if self.closed:
             return False
         if self.actors is None:
-            if not all(f.status == "finished" for f in self.futures[0]):
+            if self.futures[0] is not None and not all(f.status == "finished"
+                                                       for f in self.futures[0]):
                 return False  # X still loading: this pass runs as tasks (and loads it)
             # the actors start once the weights and y have joined X's blocks (a task would
             # wait for them too)
@@ -205,9 +220,10 @@ def create(blocks: Any) -> Resident | None:
         return None
     from distributed import futures_of
 
+    read = blocks.source is not None  # X streamed: the actors read their blocks themselves
     futures = []
     for v in (blocks.X, blocks.sample_weight, blocks.y):
-        if v is None:
+        if v is None or (read and v is blocks.X):
             futures.append(None)
             continue
         held = {f.key: f for f in futures_of(v)}
@@ -215,5 +231,13 @@ def create(blocks: Any) -> Resident | None:
         if not all(k in held for k in keys):
             return None  # derived from held data, not held itself
         futures.append([held[k] for k in keys])
+    if read:
+        from dmlkit.data import _client
+
+        client = _client()
+        if client is None:
+            return None
+        stops = blocks.offsets + np.asarray(blocks.row_chunks)
+        return Resident(futures, blocks.offsets, client, blocks.slots, blocks.source, stops)
     held = blocks.slots if getattr(blocks.X, "_dmlkit_held", False) else None
     return Resident(futures, blocks.offsets, futures[0][0].client, held)

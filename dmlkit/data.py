@@ -20,6 +20,8 @@ import dask.array as da
 from dask.highlevelgraph import HighLevelGraph
 import numpy as np
 
+from dmlkit import _store
+
 #: Target bytes per row block when a NumPy array is wrapped as a dask array.
 DEFAULT_CHUNK_BYTES = 16 * 2**20
 #: Largest block of a cached (persisted) copy of X.
@@ -75,7 +77,29 @@ def open_zarr(path: str | os.PathLike) -> Any:
             f"path={path!r} holds no array 'X' (it has {sorted(ds.data_vars)}); "
             "expected a store written by dmlkit.datasets"
         )
+    _tag_source(ds["X"], path, "X")
     return ds
+
+
+def _tag_source(var: Any, path: str, name: str) -> None:
+    """Mark ``var``'s dask array with where its chunks lie on disk, when passes can read
+    them directly (:mod:`dmlkit._store`): uncompressed, local, and the same values as
+    xarray's (no scale, offset or fill-value mask decoded on the way)."""
+    arr = var.data
+    if "://" in path or not isinstance(arr, da.Array) or any(k in var.encoding for k in
+                                            ("scale_factor", "add_offset", "_FillValue")):
+        return
+    try:
+        import zarr
+
+        z = zarr.open_array(os.path.join(path, name), mode="r")
+    except Exception:  # not a local v3 array this reader knows: the path through zarr
+        return
+    source = _store.source_of(z)
+    if (source is not None and source.shape == arr.shape and np.dtype(source.dtype) == arr.dtype
+            and all(c == source.chunk_rows for c in arr.chunks[0][:-1])
+            and arr.chunks[1:] == tuple((s,) for s in arr.shape[1:])):
+        arr._dmlkit_source = source
 
 
 def _row_chunks(n_rows: int, row_bytes: int) -> int:
@@ -102,7 +126,11 @@ def _to_dask(X: Any, name: str) -> da.Array:
     if hasattr(X, "shape") and hasattr(X, "dtype") and not isinstance(X, np.ndarray):
         # zarr arrays and other lazily indexable arrays: wrap without reading
         if getattr(X, "ndim", 0) >= 1:
-            return da.from_array(X, chunks=getattr(X, "chunks", "auto"))
+            arr = da.from_array(X, chunks=getattr(X, "chunks", "auto"))
+            source = _store.source_of(X) if type(X).__module__.startswith("zarr") else None
+            if source is not None and source.shape == arr.shape:
+                arr._dmlkit_source = source
+            return arr
     arr = np.asarray(X)
     if arr.ndim == 0:
         return da.from_array(arr)

@@ -152,12 +152,16 @@ def test_logistic_regression_on_cluster_equals_sync(client, classification_store
 KILL_AT_NEWTON_ITERATION = 2
 
 
+@pytest.mark.parametrize("cache", [True, False], ids=["cached", "streamed"])
 @pytest.mark.parametrize("resident", [True, False], ids=["resident", "tasks"])
 def test_worker_killed_during_logistic_fit_changes_nothing(client, classification_store,
-                                                           monkeypatch, resident_calls, resident):
+                                                           monkeypatch, resident_calls, resident,
+                                                           cache):
+    """Cached, the actors hold the blocks; streamed (an uncompressed store), they read
+    them from the store's files each pass, next to the cached labels."""
     from dmlkit import LogisticRegression
 
-    params = dict(solver="newton", cache=True)
+    params = dict(solver="newton", cache=cache)
     with _synchronous():
         ref = LogisticRegression(**params).fit(classification_store)
     victim = sorted(client.scheduler_info()["workers"])[0]
@@ -180,6 +184,24 @@ def test_worker_killed_during_logistic_fit_changes_nothing(client, classificatio
     assert_array_equal(ours.coef_, ref.coef_)
     client.wait_for_workers(2, timeout=60)
     assert victim not in client.scheduler_info()["workers"]
+
+
+def test_streamed_kmeans_passes_read_the_store_on_resident_actors(client, tmp_path,
+                                                                  resident_calls):
+    from dmlkit.datasets import make_blobs
+
+    path = make_blobs(tmp_path / "b.zarr", 20_000, 4, centers=4, chunk_rows=1500,
+                      random_state=0)
+    params = dict(random_state=0, cache=False, max_iter=6, tol=0)
+    ours = KMeans(4, **params).fit(path)
+    assert resident_calls and all(resident_calls)  # every pass, the first one too
+    with dask.config.set({"dmlkit.resident-passes": False}):
+        tasks = KMeans(4, **params).fit(path)
+    with _synchronous():
+        ref = KMeans(4, **params).fit(path)
+    for other in (tasks, ref):
+        assert_array_equal(ours.cluster_centers_, other.cluster_centers_)
+        assert ours.inertia_ == other.inertia_
 
 
 @pytest.mark.parametrize("mode", ["local", "sync"])
