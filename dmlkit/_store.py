@@ -124,6 +124,15 @@ def source_of(array: Any) -> ZarrSource | None:
         return None
 
 
+def read_block(source: ZarrSource, block_info: dict | None = None) -> np.ndarray:
+    """A new array of the rows of one block of a ``dask.array.map_blocks`` over ``source``'s
+    rows (``block_info`` gives them), for a copy that is kept (a cache)."""
+    (start, stop), *_ = block_info[None]["array-location"]
+    out = np.empty((stop - start,) + tuple(source.shape[1:]), dtype=source.dtype)
+    source.read_into(start, out)
+    return out
+
+
 _local = threading.local()
 
 

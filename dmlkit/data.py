@@ -384,6 +384,7 @@ def cache(
         return X, keep_vectors(rows) if vectors else rows, False
     if in_memory and _client() is None:
         return X, rows, True  # already in this process's memory
+    X = _read_directly(X)
     block = (cache_block_rows(X, per_thread=per_thread,
                               threads=None if per_thread is None else _total_threads())
              if block_rows is None else 0)
@@ -398,6 +399,17 @@ def cache(
         else:
             X, *rows = persist_placed([X, *rows], client)
     return X, tuple(rows), True
+
+
+def _read_directly(X: da.Array) -> da.Array:
+    """``X`` with its blocks read by :mod:`dmlkit._store` (the same values, without zarr's
+    codec pipeline) when it is an uncompressed local Zarr array as :func:`open_zarr`
+    opens it; else ``X`` itself."""
+    source = getattr(X, "_dmlkit_source", None)
+    if source is None:
+        return X
+    return da.map_blocks(_store.read_block, source=source, chunks=X.chunks, dtype=X.dtype,
+                         meta=X._meta, name=f"read-{dask.base.tokenize(X.name, source)}")
 
 
 #: While ``X`` streams, its row-aligned vectors stay in memory when together they take at

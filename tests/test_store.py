@@ -118,27 +118,39 @@ def test_open_zarr_marks_x_for_direct_reads_only_when_it_can(tmp_path):
     assert getattr(data.as_matrix(plain) * 2, "_dmlkit_source", None) is None
 
 
-def test_streamed_fits_read_directly_and_give_the_bits_of_zarrs_reads(tmp_path, monkeypatch):
+def test_fits_read_directly_and_give_the_bits_of_zarrs_reads(tmp_path, monkeypatch):
+    """Streamed passes read each block into a reused buffer, a cached copy into new
+    arrays; both see the rows zarr would give."""
     from dmlkit import LogisticRegression
     from dmlkit.datasets import make_classification
 
     path = make_classification(tmp_path / "c.zarr", 3_000, 5, chunk_rows=700, random_state=1)
-    reads = []
-    original = _store.with_rows
-    monkeypatch.setattr(_store, "with_rows", lambda *a: reads.append(a[1:3]) or original(*a))
+    reads, loads = [], []
+    streamed, cached = _store.with_rows, _store.read_block
+    monkeypatch.setattr(_store, "with_rows", lambda *a: reads.append(a[1:3]) or streamed(*a))
+
+    def read_block(source, block_info=None):
+        loads.append(1)
+        return cached(source, block_info=block_info)
+
+    monkeypatch.setattr(_store, "read_block", read_block)
 
     def fits():
         with dask.config.set(scheduler="sync"):
             return (dmlkit.KMeans(3, random_state=0, cache=False).fit(path),
-                    LogisticRegression(solver="newton", cache=False).fit(path))
+                    LogisticRegression(solver="newton", cache=False).fit(path),
+                    dmlkit.KMeans(3, random_state=0, cache=True).fit(path))
 
-    km, lr = fits()
+    km, lr, km_cached = fits()
     assert (0, 700) in reads and (2800, 3000) in reads and km.n_passes_ + lr.n_passes_ > 5
+    assert len(loads) == 5  # the cached copy's 5 blocks, read once
     monkeypatch.setattr(_store, "source_of", lambda array: None)
     reads.clear()
-    km_zarr, lr_zarr = fits()
-    assert reads == []
-    assert_array_equal(km.cluster_centers_, km_zarr.cluster_centers_)
-    assert km.inertia_ == km_zarr.inertia_
+    loads.clear()
+    km_zarr, lr_zarr, km_cached_zarr = fits()
+    assert reads == [] and loads == []
+    for ours, theirs in ((km, km_zarr), (km_cached, km_cached_zarr)):
+        assert_array_equal(ours.cluster_centers_, theirs.cluster_centers_)
+        assert ours.inertia_ == theirs.inertia_
     assert_array_equal(lr.coef_, lr_zarr.coef_)
     assert_array_equal(lr.intercept_, lr_zarr.intercept_)
