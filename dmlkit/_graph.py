@@ -10,9 +10,11 @@ worker once. The tree's levels are tasks, except the last combine (of at most
 one task and one transfer between workers per pass. The tree's shape and the
 order inside every combine are fixed by the block order, so the floating point
 result does not depend on the scheduler, the number of workers or which worker
-ran what. Passes over blocks that a distributed cluster holds (a placed cache)
-go to resident actors next to the blocks instead (:mod:`dmlkit._resident`),
-which run the same kernels and folds without a graph.
+ran what. Passes over blocks that a distributed cluster holds (a placed cache),
+or streams from an uncompressed local Zarr store that the workers read
+directly (:mod:`dmlkit._store`), go to resident actors next to the blocks
+instead (:mod:`dmlkit._resident`), which run the same kernels and folds
+without a graph.
 
 Kernels have the signature ``kernel(X, w, offset, **params)`` (``X`` a NumPy
 block, ``w`` its weights or None, ``offset`` the global index of its first row)

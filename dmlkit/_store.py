@@ -63,7 +63,13 @@ class ZarrSource:
             size = rows * row_bytes
             try:
                 fd = os.open(self.chunk_file(i), os.O_RDONLY | getattr(os, "O_BINARY", 0))
-            except FileNotFoundError:  # a chunk never written holds the fill value
+            except FileNotFoundError:  # a chunk never written holds the fill value...
+                if not os.path.exists(os.path.join(self.root, "zarr.json")):
+                    # ...but not when the array itself is missing (a worker that does not
+                    # see the store, or sees it under another path): never made-up zeros
+                    raise FileNotFoundError(
+                        f"{self.root}: no Zarr array here; every worker must see the store "
+                        "under the path the client opened") from None
                 out[at // row_bytes : at // row_bytes + rows] = self.fill_value
             else:
                 try:
@@ -88,6 +94,8 @@ def source_of(array: Any) -> ZarrSource | None:
     the ``bytes`` codec in this machine's byte order, and its chunk keys use
     the default encoding. The check reads metadata only.
     """
+    if not hasattr(os, "preadv"):  # not on every platform (Windows)
+        return None
     try:
         from zarr.codecs import BytesCodec
         from zarr.storage import LocalStore

@@ -59,6 +59,14 @@ def test_a_chunk_never_written_reads_as_the_fill_value(tmp_path):
     assert out[0, 0] == 2.5 and out[5, 0] == 1.0
 
 
+def test_a_store_a_worker_cannot_see_is_an_error_not_fill_values(tmp_path):
+    a = _array(tmp_path / "gone.zarr", np.ones((10, 4), dtype=np.float32), chunk_rows=5)
+    source = _store.source_of(a)
+    os.rename(tmp_path / "gone.zarr", tmp_path / "elsewhere.zarr")
+    with pytest.raises(FileNotFoundError, match="no Zarr array here"):
+        source.read_into(0, np.empty((5, 4), dtype=np.float32))
+
+
 def test_a_truncated_chunk_file_is_an_error_that_names_it(tmp_path):
     a = _array(tmp_path / "t.zarr", np.ones((10, 4), dtype=np.float32), chunk_rows=5)
     chunk = tmp_path / "t.zarr" / "c" / "1" / "0"
