@@ -193,15 +193,18 @@ def test_streamed_kmeans_passes_read_the_store_on_resident_actors(client, tmp_pa
     path = make_blobs(tmp_path / "b.zarr", 20_000, 4, centers=4, chunk_rows=1500,
                       random_state=0)
     params = dict(random_state=0, cache=False, max_iter=6, tol=0)
-    ours = KMeans(4, **params).fit(path)
-    assert resident_calls and all(resident_calls)  # every pass, the first one too
-    with dask.config.set({"dmlkit.resident-passes": False}):
-        tasks = KMeans(4, **params).fit(path)
-    with _synchronous():
-        ref = KMeans(4, **params).fit(path)
-    for other in (tasks, ref):
-        assert_array_equal(ours.cluster_centers_, other.cluster_centers_)
-        assert ours.inertia_ == other.inertia_
+    weights = np.random.default_rng(1).uniform(0.5, 2.0, 20_000)
+    for w in (None, weights):  # weights: kept in the workers' memory, read next to them
+        resident_calls.clear()
+        ours = KMeans(4, **params).fit(path, sample_weight=w)
+        assert resident_calls and all(resident_calls)  # every pass, the first one too
+        with dask.config.set({"dmlkit.resident-passes": False}):
+            tasks = KMeans(4, **params).fit(path, sample_weight=w)
+        with _synchronous():
+            ref = KMeans(4, **params).fit(path, sample_weight=w)
+        for other in (tasks, ref):
+            assert_array_equal(ours.cluster_centers_, other.cluster_centers_)
+            assert ours.inertia_ == other.inertia_
 
 
 @pytest.mark.parametrize("mode", ["local", "sync"])
