@@ -7,6 +7,8 @@ import dask
 import numpy as np
 import pytest
 import zarr
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from numpy.testing import assert_array_equal
 
 import dmlkit
@@ -34,6 +36,18 @@ def test_rows_read_directly_are_zarrs_rows(tmp_path, dtype):
         assert_array_equal(out, a[start:stop])
     with pytest.raises(IndexError, match="outside"):
         source.read_into(45, np.empty((6, 3), dtype=dtype))
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 60), chunk_rows=st.integers(1, 25), data=st.data())
+def test_any_range_of_any_chunking_reads_zarrs_rows(tmp_path_factory, n, chunk_rows, data):
+    values = np.arange(n * 2, dtype=np.float32).reshape(n, 2) * 0.5
+    a = _array(tmp_path_factory.mktemp("h") / "a.zarr", values, chunk_rows=chunk_rows)
+    start = data.draw(st.integers(0, n))
+    stop = data.draw(st.integers(start, n))
+    out = np.full((stop - start, 2), np.nan, dtype=np.float32)
+    _store.source_of(a).read_into(start, out)
+    assert_array_equal(out, values[start:stop])
 
 
 def test_one_dimensional_arrays_and_the_dot_separator(tmp_path):
