@@ -185,6 +185,25 @@ def test_log_loss_pointwise_against_scipy_far_from_zero(weighted):
     assert (c[np.abs(z) < 700] > 0).all()
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("n_classes", [2, 3, 11])
+def test_softmax_pointwise_against_scipy(weighted, n_classes):
+    from scipy.special import logsumexp, softmax
+
+    rng = np.random.default_rng(4)
+    Z = rng.standard_normal((500, n_classes)) * 30  # rows whose probabilities underflow too
+    y = rng.integers(0, n_classes, 500)
+    w = rng.uniform(0.5, 2, 500) if weighted else None
+    given = Z.copy()
+    loss, D, c = pointwise(Z, y, w, "multinomial")
+    wf = np.ones(500) if w is None else w
+    onehot = np.eye(n_classes)[y]
+    assert_allclose(loss, wf @ (logsumexp(Z, axis=1) - Z[np.arange(500), y]), rtol=1e-13)
+    assert_allclose(D, wf[:, None] * (softmax(Z, axis=1) - onehot), rtol=1e-12, atol=1e-15)
+    assert c is None and D.shape == Z.shape
+    assert_array_equal(Z, given)  # the decision values are left as they were
+
+
 @pytest.mark.parametrize("family, n_classes", [("binomial", 2), ("multinomial", 3)])
 def test_precise_kernel_loss_is_the_float64_loss_of_float32_rows(family, n_classes):
     rng = np.random.default_rng(2)
