@@ -388,20 +388,25 @@ def _column(v):
     return v[:, None]
 
 
-def _map_block(x, *rest, kernel, offsets, has_w, block_id=None):
-    """Blockwise body: ``kernel(X_block, w_block, offset, [y=y_block,] **params)``."""
+def _block_args(rest: tuple, has_w: bool) -> tuple:
+    """``(params, w, y)`` from a blockwise body's trailing arguments: the weights' and
+    targets' column blocks (as present), then the parameters."""
     params, columns = rest[-1], [aligned(c) for c in rest[:-1]]
     w = columns.pop(0)[:, 0] if has_w else None
     y = columns.pop(0)[:, 0] if columns else None
+    return params, w, y
+
+
+def _map_block(x, *rest, kernel, offsets, has_w, block_id=None):
+    """Blockwise body: ``kernel(X_block, w_block, offset, [y=y_block,] **params)``."""
+    params, w, y = _block_args(rest, has_w)
     return _call(kernel, aligned(x), w, int(offsets[block_id[0]]), params, y)
 
 
 def _map_read(*rest, kernel, source, bounds, has_w, block_id=None):
     """:func:`_map_block` for a block the task reads itself, straight from the store's
-    chunk files (:mod:`dmlkit._store`); the columns are the block's weights and targets."""
-    params, columns = rest[-1], [aligned(c) for c in rest[:-1]]
-    w = columns.pop(0)[:, 0] if has_w else None
-    y = columns.pop(0)[:, 0] if columns else None
+    chunk files (:mod:`dmlkit._store`)."""
+    params, w, y = _block_args(rest, has_w)
     start, stop = (int(b) for b in bounds[block_id[0]])
     return _store.with_rows(source, start, stop, lambda x: _call(kernel, x, w, start, params, y))
 

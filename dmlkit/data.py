@@ -95,10 +95,12 @@ def _tag_source(var: Any, path: str, name: str) -> None:
         z = zarr.open_array(os.path.join(path, name), mode="r")
     except Exception:  # not a local v3 array this reader knows: the path through zarr
         return
-    source = _store.source_of(z)
-    if (source is not None and source.shape == arr.shape and np.dtype(source.dtype) == arr.dtype
-            and all(c == source.chunk_rows for c in arr.chunks[0][:-1])
-            and arr.chunks[1:] == tuple((s,) for s in arr.shape[1:])):
+    _mark_source(arr, _store.source_of(z))
+
+
+def _mark_source(arr: da.Array, source: _store.ZarrSource | None) -> None:
+    """Tag ``arr`` with ``source`` when it holds the same rows (any chunking reads)."""
+    if source is not None and source.shape == arr.shape and np.dtype(source.dtype) == arr.dtype:
         arr._dmlkit_source = source
 
 
@@ -127,9 +129,8 @@ def _to_dask(X: Any, name: str) -> da.Array:
         # zarr arrays and other lazily indexable arrays: wrap without reading
         if getattr(X, "ndim", 0) >= 1:
             arr = da.from_array(X, chunks=getattr(X, "chunks", "auto"))
-            source = _store.source_of(X) if type(X).__module__.startswith("zarr") else None
-            if source is not None and source.shape == arr.shape:
-                arr._dmlkit_source = source
+            if type(X).__module__.startswith("zarr"):
+                _mark_source(arr, _store.source_of(X))
             return arr
     arr = np.asarray(X)
     if arr.ndim == 0:
