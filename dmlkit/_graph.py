@@ -344,7 +344,7 @@ def aligned(a):
     through a slow buffered path (about 10x slower here).
     """
     if isinstance(a, np.ndarray) and not a.flags.aligned:
-        return np.array(a, order="C")
+        return np.array(a, order="K")  # a feature-major block stays so
     return a
 
 

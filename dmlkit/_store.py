@@ -132,10 +132,15 @@ def source_of(array: Any) -> ZarrSource | None:
         return None
 
 
-def read_block(source: ZarrSource, block_info: dict | None = None) -> np.ndarray:
+def read_block(source: ZarrSource, block_info: dict | None = None,
+               convert: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
     """A new array of the rows of one block of a ``dask.array.map_blocks`` over ``source``'s
-    rows (``block_info`` gives them), for a copy that is kept (a cache)."""
+    rows (``block_info`` gives them), for a copy that is kept (a cache). With ``convert``,
+    the rows are read into this thread's buffer and ``convert(rows)`` (a new array, a
+    copy in another layout, say) is returned."""
     (start, stop), *_ = block_info[None]["array-location"]
+    if convert is not None:
+        return with_rows(source, start, stop, convert)
     out = np.empty((stop - start,) + tuple(source.shape[1:]), dtype=source.dtype)
     source.read_into(start, out)
     return out

@@ -239,7 +239,7 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
                           RuntimeWarning, stacklevel=2)
             n_init = 1
         seed = _integer_seed(self.random_state)
-        Xd, (w,), _ = data.cache(X_in, [w_in], self.cache, X)
+        Xd, (w,), _ = data.cache(X_in, [w_in], self.cache, X, feature_major=True)
         blocks = _graph.RowBlocks(Xd, w)
         passes = _graph.Passes(
             blocks, self.split_every,

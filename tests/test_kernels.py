@@ -96,14 +96,17 @@ def _naive_lloyd(X, w, C):
     return sums, weights, float((d2.min(1) * w).sum())
 
 
+@pytest.mark.parametrize("layout", ["row-major", "feature-major"])
 @pytest.mark.parametrize("exact", [True, False])
 @pytest.mark.parametrize("weighted", [True, False])
-def test_lloyd_partial_against_numpy(exact, weighted):
+def test_lloyd_partial_against_numpy(exact, weighted, layout):
     rng = np.random.default_rng(1)
     X = rng.standard_normal((40_000, 4))
     C = rng.standard_normal((5, 4))
     w = rng.uniform(0, 2, 40_000) if weighted else np.ones(40_000)
-    p = K.lloyd_partial(X, w if weighted else None, 0, C, exact=exact)
+    Xk = K.to_feature_major(X) if layout == "feature-major" else X
+    assert K.feature_major(Xk) == (layout == "feature-major")
+    p = K.lloyd_partial(Xk, w if weighted else None, 0, C, exact=exact)
     sums, weights, inertia = _naive_lloyd(X, w, C)
     assert_allclose(p.sums, sums, rtol=1e-10)
     assert_allclose(p.weights, weights, rtol=1e-12)
@@ -113,6 +116,47 @@ def test_lloyd_partial_against_numpy(exact, weighted):
         assert np.isnan(p.inertia)
     sq_norm = float((w * (X**2).sum(1)).sum())
     assert_allclose(K.inertia_from_sums(p, C, sq_norm), inertia, rtol=1e-10)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4])  # 1e4: the sums are taken of x - m
+@pytest.mark.parametrize("weighted", [False, True])
+def test_lloyd_partial_feature_major_agrees_with_row_major(offset, weighted):
+    """The two layouts' float32 products round differently; the statistics agree to that."""
+    rng = np.random.default_rng(11)
+    n = 3 * 8192 + 517  # whole sub-blocks and a ragged one
+    X = (rng.standard_normal((n, 9)) + rng.integers(0, 4, (n, 1)) * 3 + offset).astype(np.float32)
+    C = np.concatenate([X[:5], X[:1]]).astype(np.float64)  # a duplicate centre: exact ties
+    w = rng.uniform(0, 2, n) if weighted else None
+    rows = K.lloyd_partial(X, w, 0, C, exact=True)
+    features = K.lloyd_partial(K.to_feature_major(X), w, 0, C, exact=True)
+    assert_array_equal(features.weights, rows.weights)  # the same rows in each cluster
+    assert features.weights[5] == 0  # ties go to the lowest centre in both
+    assert_allclose(features.sums, rows.sums, rtol=1e-6, atol=1e-6 * np.abs(rows.sums).max())
+    assert features.inertia == pytest.approx(rows.inertia, rel=1e-6)
+    assert features.sums.flags.c_contiguous
+
+
+def test_to_feature_major_keeps_the_values_in_fortran_order():
+    rng = np.random.default_rng(12)
+    for shape in [(1000, 7), (257, 3), (1, 5), (6, 1), (0, 4)]:
+        X = rng.standard_normal(shape).astype(np.float32)
+        F = K.to_feature_major(X)
+        assert F.flags.f_contiguous and F.dtype == X.dtype
+        assert_array_equal(F, X)
+    # a single row or column is both layouts: the row-major path takes it
+    assert not K.feature_major(K.to_feature_major(np.ones((1, 5))))
+    assert not K.feature_major(K.to_feature_major(np.ones((6, 1))))
+
+
+def test_stats_of_a_feature_major_block_match_row_major():
+    rng = np.random.default_rng(13)
+    X = (rng.standard_normal((50_000, 5)) * 3 + 100).astype(np.float32)
+    w = rng.uniform(0, 2, 50_000)
+    for weights in (None, w):
+        a, b = data_stats(X, weights, 0), data_stats(K.to_feature_major(X), weights, 0)
+        assert_allclose(b.col_sum, a.col_sum, rtol=1e-12)
+        assert_allclose(b.col_m2, a.col_m2, rtol=1e-12)
+        assert b.weighted_sq_norm == pytest.approx(a.weighted_sq_norm, rel=1e-12)
 
 
 def test_lloyd_partial_float32_accumulates_in_float64():

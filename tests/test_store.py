@@ -151,9 +151,9 @@ def test_fits_read_directly_and_give_the_bits_of_zarrs_reads(tmp_path, monkeypat
     streamed, cached = _store.with_rows, _store.read_block
     monkeypatch.setattr(_store, "with_rows", lambda *a: reads.append(a[1:3]) or streamed(*a))
 
-    def read_block(source, block_info=None):
+    def read_block(source, block_info=None, convert=None):
         loads.append(1)
-        return cached(source, block_info=block_info)
+        return cached(source, block_info=block_info, convert=convert)
 
     monkeypatch.setattr(_store, "read_block", read_block)
 

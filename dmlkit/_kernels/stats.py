@@ -74,7 +74,10 @@ def data_stats(X: np.ndarray, w: np.ndarray | None, offset: int,
         ws1, wsq = np.zeros(d), 0.0  # weighted: sums of w (x - r) and w ||x - r||^2
         step = max(1, STATS_PIECE_BYTES // (8 * max(d, 1)))
         m = min(step, n)
-        part, sq, ones = np.empty((m, d)), np.empty((m, d)), np.ones(m)
+        # pieces in X's own layout: a copy of a feature-major block's rows into row-major
+        # pieces reads it across its columns, several times slower
+        order = "F" if X.flags.f_contiguous and not X.flags.c_contiguous else "C"
+        part, sq, ones = np.empty((m, d), order=order), np.empty((m, d), order=order), np.ones(m)
         for a in range(0, n, step):
             b = min(a + step, n)
             p, q = part[: b - a], sq[: b - a]
