@@ -306,7 +306,8 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
                     bar.finish()
                     break
             final = passes.run(K.lloyd_partial, K.combine_lloyd,
-                               {"centers": centers, "exact": True}, name="kmeans-inertia")
+                               {"centers": centers, "exact": True, "with_sums": False},
+                               name="kmeans-inertia")
             inertia = final.inertia
         finally:
             bar.close()
@@ -397,6 +398,6 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         passes = _graph.Passes(blocks, self.split_every,
                                check=lambda s: data.check_stats(s, blocks.row_chunks, w is not None))
         part = passes.run(K.lloyd_partial, K.combine_lloyd,
-                          {"centers": self.cluster_centers_.astype(np.float64), "exact": True},
-                          name="kmeans-score")
+                          {"centers": self.cluster_centers_.astype(np.float64), "exact": True,
+                           "with_sums": False}, name="kmeans-score")
         return -float(part.inertia)

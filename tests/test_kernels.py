@@ -136,6 +136,20 @@ def test_lloyd_partial_feature_major_agrees_with_row_major(offset, weighted):
     assert features.sums.flags.c_contiguous
 
 
+@pytest.mark.parametrize("layout", ["row-major", "feature-major"])
+def test_lloyd_partial_without_sums_keeps_the_inertia_and_weights(layout):
+    rng = np.random.default_rng(14)
+    X = rng.standard_normal((20_000, 6)).astype(np.float32)
+    X = K.to_feature_major(X) if layout == "feature-major" else X
+    C = rng.standard_normal((4, 6))
+    w = rng.uniform(0, 2, 20_000)
+    full = K.lloyd_partial(X, w, 0, C, exact=True)
+    part = K.lloyd_partial(X, w, 0, C, exact=True, with_sums=False)
+    assert part.inertia == full.inertia
+    assert_array_equal(part.weights, full.weights)
+    assert_array_equal(part.sums, np.zeros_like(full.sums))
+
+
 def test_to_feature_major_keeps_the_values_in_fortran_order():
     rng = np.random.default_rng(12)
     for shape in [(1000, 7), (257, 3), (1, 5), (6, 1), (0, 4)]:

@@ -205,7 +205,8 @@ def to_feature_major(X: np.ndarray, rows: int = 256) -> np.ndarray:
 
 
 def lloyd_partial(
-    X: np.ndarray, w: np.ndarray | None, offset: int, centers: np.ndarray, exact: bool = False
+    X: np.ndarray, w: np.ndarray | None, offset: int, centers: np.ndarray, exact: bool = False,
+    with_sums: bool = True,
 ) -> LloydPartial:
     """One Lloyd step's statistics for the rows ``X`` starting at global row ``offset``.
 
@@ -226,6 +227,9 @@ def lloyd_partial(
         difference ``x - c``. Without it the kernel does the least work a Lloyd
         step needs (one product for the scores, one for the sums); the
         inertia then follows from the sums, see :func:`inertia_from_sums`.
+    with_sums : bool, default=True
+        Compute the per-cluster sums (left at zero otherwise: for a pass that only
+        wants the exact inertia and the weights).
 
     Notes
     -----
@@ -287,7 +291,7 @@ def lloyd_partial(
             wb = w[s : s + nb]
             weights += members @ wb.astype(np.float64)  # 0/1 times float64 weights
             members *= wb.astype(X.dtype, copy=False)
-        for a in range(0, nb, sum_rows):  # short products: much faster than one long one
+        for a in range(0, nb if with_sums else 0, sum_rows):  # short products: faster
             if by_feature:
                 cols = Xb[:, a : a + sum_rows]
                 if shift:
