@@ -176,3 +176,40 @@ def test_fits_read_directly_and_give_the_bits_of_zarrs_reads(tmp_path, monkeypat
         assert ours.inertia_ == theirs.inertia_
     assert_array_equal(lr.coef_, lr_zarr.coef_)
     assert_array_equal(lr.intercept_, lr_zarr.intercept_)
+
+
+def test_a_cached_copy_for_kmeans_is_read_straight_into_fortran_order(tmp_path, monkeypatch):
+    """Chunks the cache keeps as they are (8 MiB and up) are read into the reused buffer and
+    copied once into Fortran order; joined chunks are made so after joining."""
+    from dmlkit.datasets import make_blobs
+
+    rows = data.CACHE_MIN_BLOCK_BYTES // (16 * 4)
+    path = make_blobs(tmp_path / "b.zarr", 3 * rows, 16, chunk_rows=rows, random_state=0)
+    converted = []
+    cached = _store.read_block
+
+    def read_block(source, block_info=None, convert=None):
+        converted.append(convert is not None)
+        return cached(source, block_info=block_info, convert=convert)
+
+    monkeypatch.setattr(_store, "read_block", read_block)
+    expect = np.asarray(zarr.open_group(str(path), mode="r")["X"][...])
+    with dask.config.set(scheduler="sync"):
+        for wanted in (True, False):
+            converted.clear()
+            X, _, kept = data.cache(data.as_matrix(path), [], True, path, feature_major=wanted)
+            assert kept and converted == [wanted] * 3
+            assert (_layouts(X) == wanted).all()
+            assert_array_equal(X.compute(), expect)
+        small = make_blobs(tmp_path / "s.zarr", 20_000, 16, chunk_rows=500, random_state=0)
+        X, _, _ = data.cache(data.as_matrix(small), [], True, small, feature_major=True)
+        assert X.numblocks[0] < 40 and _layouts(X).all()  # joined, then copied
+        assert_array_equal(X.compute(), zarr.open_group(str(small), mode="r")["X"][...])
+
+
+def _layouts(X):
+    """Whether each block of ``X`` is feature-major, as the kernels see it."""
+    from dmlkit._kernels.kmeans import feature_major
+
+    return X.map_blocks(lambda b: np.full((1, 1), feature_major(b)), dtype=bool,
+                        chunks=((1,) * X.numblocks[0], (1,))).compute().ravel()
