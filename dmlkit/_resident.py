@@ -140,8 +140,8 @@ class Resident:
         else:
             holders = self.client.who_has(X)
             where = [sorted(holders.get(f.key) or ["?"])[0] for f in X]
-        if any(addr not in workers for addr in where):
-            self.close()  # a block without a (live) holder: tasks will recompute it
+        if any(addr not in workers for addr in where):  # tasks will recompute the block
+            self.close(f"blocks without a live holder: {sorted(set(where) - set(workers))}")
             return
         nthreads = {addr: max(1, info.get("nthreads", 1)) for addr, info in workers.items()}
         mine: dict[str, list] = {}

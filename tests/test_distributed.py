@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import signal
 import threading
@@ -91,7 +92,8 @@ def _kill(pid: int, resident: bool, delay: float) -> None:
 
 @pytest.mark.parametrize("resident", [True, False], ids=["resident", "tasks"])
 def test_worker_killed_mid_fit_changes_nothing(client, store, monkeypatch, resident_calls,
-                                               resident):
+                                               resident, caplog):
+    caplog.set_level(logging.INFO, logger="dmlkit._resident")  # why the actors stopped
     X, path = store
     init = X[:5].astype(np.float64)
     params = dict(init=init, max_iter=12, tol=0)
@@ -116,7 +118,7 @@ def test_worker_killed_mid_fit_changes_nothing(client, store, monkeypatch, resid
         km = KMeans(5, cache=True, **params).fit(path)
     assert calls["n"] == 12
     if resident:  # passes ran on the resident actors until the kill, then as tasks
-        assert resident_calls[1] and not resident_calls[-1]
+        assert resident_calls[1] and not resident_calls[-1], (resident_calls, caplog.text)
     assert_array_equal(km.cluster_centers_, ref.cluster_centers_)
     assert km.inertia_ == ref.inertia_
     client.wait_for_workers(2, timeout=60)  # the nanny restarted it...
