@@ -16,6 +16,11 @@ Per chunk (no dask here):
 Local (on the client, small inputs): :func:`kmeans_plusplus` and
 :func:`local_lloyd` recluster weighted candidates; :func:`update_centers`
 turns reduced Lloyd statistics into new centres.
+
+Every kernel takes a block in either layout. A cached copy for K-means is kept
+feature by feature (Fortran order, :func:`to_feature_major`), where
+:func:`lloyd_partial` runs its two products as (features x rows) ones, faster
+with OpenBLAS; a streamed block comes row-major, as the store holds it.
 """
 from __future__ import annotations
 
