@@ -21,6 +21,7 @@ from dask.highlevelgraph import HighLevelGraph
 import numpy as np
 
 from dmlkit import _store
+from dmlkit._kernels.kmeans import to_feature_major
 
 #: Target bytes per row block when a NumPy array is wrapped as a dask array.
 DEFAULT_CHUNK_BYTES = 16 * 2**20
@@ -400,8 +401,7 @@ def cache(
     joined = block > max(X.chunks[0])
     # read straight into Fortran order where the chunks are the blocks (one copy, not two)
     direct = _read_directly(X, feature_major=feature_major and not joined)
-    if direct is not X and feature_major and not joined:
-        feature_major = False  # done
+    feature_major = feature_major and (joined or direct is X)  # still to be done
     X = direct
     if joined:
         X = X.rechunk({0: block})
@@ -420,8 +420,6 @@ def cache(
 
 def _to_feature_major(X: da.Array) -> da.Array:
     """``X`` with every block in Fortran order (a copy; same values)."""
-    from dmlkit._kernels.kmeans import to_feature_major
-
     return X.map_blocks(to_feature_major, dtype=X.dtype, name=f"feature-major-{X.name}")
 
 
@@ -432,12 +430,7 @@ def _read_directly(X: da.Array, feature_major: bool = False) -> da.Array:
     source = getattr(X, "_dmlkit_source", None)
     if source is None:
         return X
-    if feature_major:
-        from dmlkit._kernels.kmeans import to_feature_major
-
-        convert = to_feature_major
-    else:
-        convert = None
+    convert = to_feature_major if feature_major else None
     return da.map_blocks(_store.read_block, source=source, convert=convert, chunks=X.chunks,
                          dtype=X.dtype, meta=X._meta,
                          name=f"read-{dask.base.tokenize(X.name, source, feature_major)}")
@@ -618,7 +611,7 @@ def persist_placed(arrays: Sequence[da.Array | None], client,
         elif all(key in held[j] for key in keys[j]):  # persisted by the caller, elsewhere
             copy = feature_major and j == 0
             name = f"placed-{dask.base.tokenize(a.name, where, copy)}"
-            same = dask.delayed(_feature_major_block if copy else _same_block, pure=True)
+            same = dask.delayed(to_feature_major if copy else _same_block, pure=True)
             names.append(name)
             sources.append([same(held[j][key], dask_key_name=(name,) + key[1:])
                             for key in keys[j]])
@@ -678,12 +671,6 @@ def _same_block(block):
 
     return aligned(block)
 
-
-def _feature_major_block(block):
-    """A copy of the block in Fortran order."""
-    from dmlkit._kernels.kmeans import to_feature_major
-
-    return to_feature_major(block)
 
 
 def check_stats(stats, row_chunks: tuple, weighted: bool, supervised: bool = False) -> None:
