@@ -53,15 +53,17 @@ def test_stats_combine_matches_numpy(cuts):
     assert s.bad_rows == ()
 
 
+@pytest.mark.parametrize("layout", ["rows", "features"])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_stats_over_several_pieces_match_numpy(weighted):
+def test_stats_over_several_pieces_match_numpy(weighted, layout):
     from dmlkit._kernels import stats
 
     rng = np.random.default_rng(1)
-    n = 2 * stats.STATS_PIECE_BYTES // (8 * 4) + 123  # three pieces
+    # three pieces of a feature-major block (one feature at a time), more of a row-major one
+    n = 2 * stats.STATS_PIECE_BYTES // 8 + 123
     X = (rng.standard_normal((n, 4)) * [1, 10, 100, 1000] - 3e3).astype(np.float32)
     w = rng.uniform(0.5, 2, n) if weighted else None
-    s = data_stats(X, w, 0)
+    s = data_stats(K.to_feature_major(X) if layout == "features" else X, w, 0)
     X64, w64 = X.astype(np.float64), (np.ones(n) if w is None else w)
     assert_allclose(s.col_sum, X64.sum(0), rtol=1e-12)
     assert_allclose(s.col_m2, ((X64 - X64.mean(0)) ** 2).sum(0), rtol=1e-9)
@@ -77,13 +79,18 @@ def test_stats_do_not_call_huge_finite_values_bad():
         assert data_stats(X, None, 5).bad_rows == ((6, 1),)
 
 
-def test_stats_report_the_first_bad_row_of_each_bad_block():
+@pytest.mark.parametrize("layout", ["rows", "features"])
+def test_stats_report_the_first_bad_row_of_each_bad_block(layout):
     X = np.ones((10, 2))
     X[7, 1] = X[9, 0] = np.nan
     y = np.ones(10)
     y[2] = np.inf
-    s = combine_stats(data_stats(X[:5], None, 0, y[:5]), data_stats(X[5:], None, 5, y[5:]))
+    lay = K.to_feature_major if layout == "features" else np.asarray
+    s = combine_stats(data_stats(lay(X[:5]), None, 0, y[:5]),
+                      data_stats(lay(X[5:]), None, 5, y[5:]))
     assert s.bad_rows == ((2, 1), (7, 2))
+    X[3, 0] = -np.inf
+    assert data_stats(lay(X[:5]), None, 0).bad_rows == ((3, 1),)
 
 
 # ------------------------------------------------------------------- Lloyd

@@ -51,7 +51,8 @@ def data_stats(X: np.ndarray, w: np.ndarray | None, offset: int,
 
     Notes
     -----
-    One read of ``X``, a piece of :data:`STATS_PIECE_BYTES` at a time, converted to
+    One read of ``X``, a piece of :data:`STATS_PIECE_BYTES` at a time (rows of a
+    row-major block, one feature's values of a feature-major one), converted to
     float64 relative to the block's first row ``r`` (the shifted-data
     algorithm: sums of ``x - r`` and of its squares give the column sums, the
     sums of squared deviations and the squared norms without the
@@ -70,27 +71,11 @@ def data_stats(X: np.ndarray, w: np.ndarray | None, offset: int,
             finite = False
     if finite and n:
         wf = None if w is None else np.asarray(w, dtype=np.float64)
-        s1, s2 = np.zeros(d), np.zeros(d)  # sums of (x - r) and (x - r)^2 per column
-        ws1, wsq = np.zeros(d), 0.0  # weighted: sums of w (x - r) and w ||x - r||^2
-        step = max(1, STATS_PIECE_BYTES // (8 * max(d, 1)))
-        m = min(step, n)
-        # pieces in X's own layout: a copy of a feature-major block's rows into row-major
-        # pieces reads it across its columns, several times slower
-        order = "F" if X.flags.f_contiguous and not X.flags.c_contiguous else "C"
-        part, sq, ones = np.empty((m, d), order=order), np.empty((m, d), order=order), np.ones(m)
-        for a in range(0, n, step):
-            b = min(a + step, n)
-            p, q = part[: b - a], sq[: b - a]
-            np.copyto(p, X[a:b])  # float64 (a mixed-type subtract is several times slower)
-            p -= shift
-            np.multiply(p, p, out=q)
-            # column sums as products with ones: BLAS, much faster than sum(axis=0)
-            s1 += ones[: b - a] @ p
-            s2 += ones[: b - a] @ q
-            if wf is not None:
-                wp = wf[a:b]
-                ws1 += wp @ p
-                wsq += float(wp @ (q @ np.ones(d)))
+        # sums of x - r and of its squares per column; weighted, sums of w (x - r) per
+        # column and of w ||x - r||^2
+        by_feature = X.flags.f_contiguous and not X.flags.c_contiguous
+        s1, s2, ws1, wsq = (_feature_major_sums(X.T, shift, wf) if by_feature
+                            else _row_major_sums(X, shift, wf))
         # (squares of float64 values beyond 1e154 overflow: then X itself decides)
         finite = bool(np.isfinite(s2).all()) or bool(np.isfinite(X).all())
     if not finite or n == 0:
@@ -113,6 +98,54 @@ def data_stats(X: np.ndarray, w: np.ndarray | None, offset: int,
         wsq = wsq + 2.0 * float(shift @ ws1) + weight_sum * r2
     return DataStats(n, weight_sum, weight_min, col_sum, col_m2, wsq, ())
 
+
+
+def _row_major_sums(X: np.ndarray, shift: np.ndarray, wf: np.ndarray | None) -> tuple:
+    """:func:`data_stats`' sums over a row-major block, in pieces of rows converted to
+    float64: ``(s1, s2, ws1, wsq)``."""
+    n, d = X.shape
+    s1, s2, ws1, wsq = np.zeros(d), np.zeros(d), np.zeros(d), 0.0
+    step = max(1, STATS_PIECE_BYTES // (8 * max(d, 1)))
+    m = min(step, n)
+    part, sq, ones = np.empty((m, d)), np.empty((m, d)), np.ones(m)
+    for a in range(0, n, step):
+        b = min(a + step, n)
+        p, q = part[: b - a], sq[: b - a]
+        np.copyto(p, X[a:b])  # float64 (a mixed-type subtract is several times slower)
+        p -= shift
+        np.multiply(p, p, out=q)
+        # column sums as products with ones: BLAS, much faster than sum(axis=0)
+        s1 += ones[: b - a] @ p
+        s2 += ones[: b - a] @ q
+        if wf is not None:
+            wp = wf[a:b]
+            ws1 += wp @ p
+            wsq += float(wp @ (q @ np.ones(d)))
+    return s1, s2, ws1, wsq
+
+
+def _feature_major_sums(XT: np.ndarray, shift: np.ndarray, wf: np.ndarray | None) -> tuple:
+    """:func:`_row_major_sums` for a feature-major block, ``XT`` its (features x rows)
+    C-contiguous transpose. Each feature's values are contiguous: converted to
+    float64 a piece at a time, each is summed with one reduction and one dot
+    product, about twice as fast as pieces of rows of this layout."""
+    d, n = XT.shape
+    s1, s2, ws1, wsq = np.zeros(d), np.zeros(d), np.zeros(d), 0.0
+    step = max(1, STATS_PIECE_BYTES // 8)
+    p_buf = np.empty(min(step, n))
+    sq_buf = np.empty(p_buf.shape[0]) if wf is not None else None
+    for a in range(0, n, step):
+        b = min(a + step, n)
+        p = p_buf[: b - a]
+        for j in range(d):
+            np.copyto(p, XT[j, a:b])  # float64
+            np.subtract(p, shift[j], out=p)
+            s1[j] += p.sum()
+            s2[j] += p @ p
+            if wf is not None:
+                ws1[j] += p @ wf[a:b]
+                wsq += float(np.multiply(p, p, out=sq_buf[: b - a]) @ wf[a:b])
+    return s1, s2, ws1, wsq
 
 def combine_stats(a: DataStats, b: DataStats) -> DataStats:
     """Merge two :class:`DataStats` (Chan et al. pairwise update of ``col_m2``)."""
