@@ -43,7 +43,11 @@ SHIFT_SUMS = 8.0
 
 #: Rows per product of the one-hot memberships with the rows (the per-cluster sums):
 #: BLAS runs a (k x rows) by (rows x d) product several times faster in pieces of about
-#: this many rows than in one piece of 8,192 (measured with OpenBLAS, k=8, d=32).
+#: this many rows than in one piece of 8,192 (measured with OpenBLAS, k=8, d=32). The
+#: other products of a sub-block (the scores, the rows' own centres) are run in pieces
+#: of this many rows too: on 8,192 rows OpenBLAS allocates a working buffer of about
+#: 0.5 MB per call, which a Dask worker (``MALLOC_TRIM_THRESHOLD_`` set) maps afresh and
+#: page-faults in every time.
 SUM_ROWS = 2048
 
 
@@ -274,19 +278,25 @@ def lloyd_partial(
             Xb = XT[:, s : s + step]
             nb = Xb.shape[1]
             T = nearest.T[:, :nb]
-            for a in range(0, nb, sum_rows):  # pieces of the product: faster, as the sums'
+            for a in range(0, nb, sum_rows):  # products in pieces (see SUM_ROWS)
                 np.matmul(minus_2c, Xb[:, a : a + sum_rows], out=T[:, a : a + sum_rows])
             members, counts = nearest.of(np.add(T, nearest.c2col, out=T))
         else:
             Xb = X[s : s + step]
             nb = Xb.shape[0]
-            members, counts = nearest(np.matmul(Xb, minus_2ct, out=scores[:nb]))
+            for a in range(0, nb, sum_rows):
+                np.matmul(Xb[a : a + sum_rows], minus_2ct, out=scores[a : min(a + sum_rows, nb)])
+            members, counts = nearest(scores[:nb])
         if exact:  # each row's own centre: the 0/1 memberships times the centres, exactly
             if by_feature:
-                diff = np.matmul(CT, members, out=own[:, :nb])
+                diff = own[:, :nb]
+                for a in range(0, nb, sum_rows):
+                    np.matmul(CT, members[:, a : a + sum_rows], out=diff[:, a : a + sum_rows])
                 d2 = np.einsum("ij,ij->j", *(np.subtract(Xb, diff, out=diff),) * 2)
             else:
-                diff = np.matmul(members.T, C, out=own[:nb])
+                diff = own[:nb]
+                for a in range(0, nb, sum_rows):
+                    np.matmul(members[:, a : a + sum_rows].T, C, out=diff[a : a + sum_rows])
                 d2 = np.einsum("ij,ij->i", *(np.subtract(Xb, diff, out=diff),) * 2)
             inertia += float(d2.sum(dtype=np.float64) if w is None
                              else np.dot(d2.astype(np.float64), w[s : s + nb]))
@@ -294,7 +304,11 @@ def lloyd_partial(
             weights += counts
         else:
             wb = w[s : s + nb]
-            weights += members @ wb.astype(np.float64)  # 0/1 times float64 weights
+            # 0/1 times the float64 weights, through a reused float64 copy of the memberships
+            # (a mixed-type product would allocate one per sub-block)
+            members64 = scratch("kmeans.members64", (k, step), np.float64)[:, :nb]
+            np.copyto(members64, members)
+            weights += members64 @ wb.astype(np.float64, copy=False)
             members *= wb.astype(X.dtype, copy=False)
         for a in range(0, nb if with_sums else 0, sum_rows):  # short products: faster
             if by_feature:
