@@ -164,7 +164,9 @@ def _start_local(*, timeout: float, security: Any, kwargs: Mapping[str, Any]) ->
     try:
         # No security here: the Client inherits the cluster's (security=True
         # would otherwise make a second, different temporary certificate).
-        client = ClusterClient(cluster, timeout=timeout)
+        # Its workers listen on this machine: results and actor calls (every
+        # resident pass) go to them directly, not through the scheduler.
+        client = ClusterClient(cluster, timeout=timeout, direct_to_workers=True)
     except BaseException:
         cluster.close()
         raise

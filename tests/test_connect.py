@@ -65,6 +65,8 @@ def test_local_default_is_sized_to_machine_on_localhost_and_closes_with_client(c
         assert {w["memory_limit"] for w in workers} == {MEMORY_LIMIT // n_workers}
         assert all(w["host"] == "127.0.0.1" for w in workers)
         assert client.submit(sum, [1, 2, 3]).result() == 6
+        # results and actor calls go straight to the workers, which listen on this machine
+        assert client.direct_to_workers is True
         from dmlkit._local import WORKER_MALLOC
 
         if not any(name in os.environ for name in WORKER_MALLOC):
