@@ -104,25 +104,29 @@ class Resident:
     """The :class:`BlockHolder` actors of one :class:`~dmlkit._graph.RowBlocks`, client side.
 
     Created with the blocks' futures (``futures[j][i]``: array ``j`` = X,
-    weights, y; block ``i``). The actors are created at the first pass that
-    finds X's blocks in memory, on the workers that hold them (asked of the
-    scheduler then, unless the cache found them already held and says where:
-    ``slots``), each worker's blocks shared out in order among its
-    threads; that pass waits for the actors to start, once the weights and
-    ``y`` have joined X (a task's time, at most :data:`CREATE_TIMEOUT_S`; a
-    pass that times out while they are still being computed runs as tasks,
-    and the next one waits again).
-    While X is still loading, passes run as tasks (the first of them loads
-    it). After any failure
-    :meth:`run` returns None for good and the caller runs tasks.
+    weights, y; block ``i``). The actors are created at the first pass, on
+    the workers that hold X's blocks (asked of the scheduler then, unless the
+    cache found them already held and says where: ``slots``), each worker's
+    blocks shared out in order among its threads; that pass waits for the
+    actors to start, once the weights and ``y`` have joined X (a task's time,
+    at most :data:`CREATE_TIMEOUT_S`; a pass that times out while they are
+    still being computed runs as tasks, and the next one waits again).
+    While the cache is still computing X's blocks (reading them, or copying a
+    caller's blocks feature-major), the actors are created where it placed
+    them (``planned``) and start as soon as their blocks are done; the first
+    pass waits for the blocks as a pass of tasks would, then runs on the
+    actors. Without a placement, passes run as tasks while X loads (the
+    first of them loads it). After any failure :meth:`run` returns None for
+    good and the caller runs tasks.
     """
 
     def __init__(self, futures: Sequence, offsets: Sequence[int], client,
                  slots: Sequence | None = None, source: Any = None,
-                 stops: Sequence[int] | None = None):
+                 stops: Sequence[int] | None = None, planned: Sequence | None = None):
         self.client = client
         self.futures = futures  # futures[0] is None when X is read from ``source``
         self.slots = slots  # the worker thread of each block, when known to hold (or read) it
+        self.planned = planned  # where the cache places each block it is still computing
         self.offsets = [int(o) for o in offsets]
         self.source = source
         self.stops = None if stops is None else [int(s) for s in stops]
@@ -135,8 +139,12 @@ class Resident:
         X = self.futures[0]
         n_blocks = len(self.offsets)
         workers = self.client.scheduler_info(n_workers=-1)["workers"]
+        loading = X is not None and not all(f.status == "finished" for f in X)
         if self.slots is not None:  # the holders the scheduler named when X was cached
             where = [addr for addr, _ in self.slots]
+        elif loading:  # where the cache is computing the blocks (the scheduler's choice
+            # prevails: a block that ends up elsewhere is copied to its actor)
+            where = [addr for addr, _ in self.planned]
         else:
             holders = self.client.who_has(X)
             where = [sorted(holders.get(f.key) or ["?"])[0] for f in X]
@@ -164,16 +172,22 @@ class Resident:
             return True
         if self.closed:
             return False
+        from distributed import wait
+
         if self.actors is None:
-            if self.futures[0] is not None and not all(f.status == "finished"
-                                                       for f in self.futures[0]):
+            X = self.futures[0]
+            loading = X is not None and not all(f.status == "finished" for f in X)
+            if loading and self.planned is None:
                 return False  # X still loading: this pass runs as tasks (and loads it)
             # the actors start once the weights and y have joined X's blocks (a task would
-            # wait for them too)
+            # wait for them too); while the cache is still computing X's blocks where it
+            # placed them, they start next to them as soon as they are done, and this pass
+            # waits for the blocks as a pass of tasks would
             self._create()
             if self.closed:
                 return False
-        from distributed import wait
+            if loading:
+                wait(X)
 
         try:
             wait(list(self.actors.values()), timeout=CREATE_TIMEOUT_S)
@@ -240,4 +254,5 @@ def create(blocks: Any) -> Resident | None:
         stops = blocks.offsets + np.asarray(blocks.row_chunks)
         return Resident(futures, blocks.offsets, client, blocks.slots, blocks.source, stops)
     held = blocks.slots if getattr(blocks.X, "_dmlkit_held", False) else None
-    return Resident(futures, blocks.offsets, futures[0][0].client, held)
+    return Resident(futures, blocks.offsets, futures[0][0].client, held,
+                    planned=None if held is not None else blocks.slots)
