@@ -46,8 +46,8 @@ SHIFT_SUMS = 8.0
 #: this many rows than in one piece of 8,192 (measured with OpenBLAS, k=8, d=32). The
 #: other products of a sub-block (the scores, the rows' own centres) are run in pieces
 #: of this many rows too: on 8,192 rows OpenBLAS allocates a working buffer of about
-#: 0.5 MB per call, which a Dask worker (``MALLOC_TRIM_THRESHOLD_`` set) maps afresh and
-#: page-faults in every time.
+#: 0.5 MB per call, which a Dask worker with Dask's default malloc settings maps afresh
+#: and page-faults in every time.
 SUM_ROWS = 2048
 
 

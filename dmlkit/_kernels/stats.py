@@ -99,7 +99,6 @@ def data_stats(X: np.ndarray, w: np.ndarray | None, offset: int,
     return DataStats(n, weight_sum, weight_min, col_sum, col_m2, wsq, ())
 
 
-
 def _row_major_sums(X: np.ndarray, shift: np.ndarray, wf: np.ndarray | None) -> tuple:
     """:func:`data_stats`' sums over a row-major block, in pieces of rows converted to
     float64: ``(s1, s2, ws1, wsq)``."""
@@ -128,7 +127,7 @@ def _feature_major_sums(XT: np.ndarray, shift: np.ndarray, wf: np.ndarray | None
     """:func:`_row_major_sums` for a feature-major block, ``XT`` its (features x rows)
     C-contiguous transpose. Each feature's values are contiguous: converted to
     float64 a piece at a time, each is summed with one reduction and one dot
-    product, about twice as fast as pieces of rows of this layout."""
+    product (pieces of rows of this layout would be read across its columns)."""
     d, n = XT.shape
     s1, s2, ws1, wsq = np.zeros(d), np.zeros(d), np.zeros(d), 0.0
     step = max(1, STATS_PIECE_BYTES // 8)
@@ -146,6 +145,7 @@ def _feature_major_sums(XT: np.ndarray, shift: np.ndarray, wf: np.ndarray | None
                 ws1[j] += p @ wf[a:b]
                 wsq += float(np.multiply(p, p, out=sq_buf[: b - a]) @ wf[a:b])
     return s1, s2, ws1, wsq
+
 
 def combine_stats(a: DataStats, b: DataStats) -> DataStats:
     """Merge two :class:`DataStats` (Chan et al. pairwise update of ``col_m2``)."""
