@@ -134,12 +134,12 @@ class Resident:
         self.handles: dict | None = None
         self.closed = False
 
-    def _create(self) -> None:
-        """Submit one actor per worker holding blocks, next to them."""
+    def _create(self, loading: bool = False) -> None:
+        """Submit one actor per worker holding blocks, next to them (next to where the
+        cache is computing them, while X is ``loading``)."""
         X = self.futures[0]
         n_blocks = len(self.offsets)
         workers = self.client.scheduler_info(n_workers=-1)["workers"]
-        loading = X is not None and not all(f.status == "finished" for f in X)
         if self.slots is not None:  # the holders the scheduler named when X was cached
             where = [addr for addr, _ in self.slots]
         elif loading:  # where the cache is computing the blocks (the scheduler's choice
@@ -183,7 +183,7 @@ class Resident:
             # wait for them too); while the cache is still computing X's blocks where it
             # placed them, they start next to them as soon as they are done, and this pass
             # waits for the blocks as a pass of tasks would
-            self._create()
+            self._create(loading)
             if self.closed:
                 return False
             if loading:
