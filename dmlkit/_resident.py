@@ -22,6 +22,15 @@ group holds (:func:`dmlkit._graph.fold_held`). The caller folds the rest, as
 for the tasks of :meth:`dmlkit._graph.RowBlocks.reduce`: the same operations
 in the same order, hence the same bits.
 
+Where a worker listens on a loopback address (a local cluster), each pass
+goes to its actor over a line of its own (:class:`_Line`): a socket the actor
+opens for this client, with a random token, on which its thread waits for the
+pass and answers, without the worker's event loop: one hop each way, where a
+call through Dask's actor machinery takes several threads and event loops. Any trouble on
+a line (a closed socket, an error) closes the lines, and that pass and the
+later ones are sent through the actors as before;
+``dask.config.set({"dmlkit.resident-line": False})`` never opens them.
+
 If a call fails (a worker lost, say), :class:`Resident` lets its actors go
 (and logs why, at INFO level, on the ``dmlkit._resident`` logger) and the
 pass, and every later pass of the fit, runs as tasks, which recompute lost
@@ -32,7 +41,15 @@ False})`` turns them off.
 """
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import logging
+import pickle
+import secrets
+import socket
+import struct
+import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
@@ -43,13 +60,100 @@ logger = logging.getLogger(__name__)
 
 #: dask config key: run passes over cached blocks through resident actors (default True).
 CONFIG_KEY = "dmlkit.resident-passes"
+#: dask config key: send resident passes over each actor's own line, where workers listen
+#: on a loopback address (default True).
+LINE_CONFIG_KEY = "dmlkit.resident-line"
 #: Seconds a pass waits for the actors to start (once).
 CREATE_TIMEOUT_S = 10.0
+#: Seconds an actor's line waits for its client to connect and authenticate, and the
+#: client for the line to answer its token.
+LINE_CONNECT_TIMEOUT_S = 5.0
 
 
 def enabled() -> bool:
     """Whether resident passes are on (``dmlkit.resident-passes`` in dask's config)."""
     return bool(dask.config.get(CONFIG_KEY, True))
+
+
+def _send(sock: socket.socket, payload: bytes) -> None:
+    sock.sendall(struct.pack("!Q", len(payload)) + payload)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if not k:
+            raise EOFError("the line was closed")
+        got += k
+    return bytes(buf)
+
+
+def _recv(sock: socket.socket) -> bytes:
+    (n,) = struct.unpack("!Q", _recv_exact(sock, 8))
+    return _recv_exact(sock, n)
+
+
+def loopback(address: str) -> bool:
+    """Whether a Dask address (``tcp://host:port``) is a plain TCP one on a loopback host."""
+    if not address.startswith("tcp://"):
+        return False
+    host = address[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+class _Line:
+    """The worker's end of an actor's line: a socket on 127.0.0.1 that one client (holding
+    ``token``) connects to; a thread then serves its passes until the client closes it.
+
+    The thread refers to the actor weakly, and only for the time of a pass, so the actor
+    (and the blocks it references) goes when Dask releases it; the thread ends when the
+    client closes the line, or after :data:`LINE_CONNECT_TIMEOUT_S` without a client.
+    """
+
+    def __init__(self, holder: "BlockHolder"):
+        self.token = secrets.token_bytes(32)
+        self.server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(1)
+        self.server.settimeout(LINE_CONNECT_TIMEOUT_S)
+        self.address = self.server.getsockname()
+        threading.Thread(target=_Line._serve, args=(self.server, self.token, weakref.ref(holder)),
+                         name="dmlkit-resident-line", daemon=True).start()
+
+    @staticmethod
+    def _serve(server: socket.socket, token: bytes, holder_ref) -> None:
+        try:
+            conn, _ = server.accept()
+        except OSError:  # no client in time
+            return
+        finally:
+            server.close()
+        with conn:
+            try:
+                conn.settimeout(LINE_CONNECT_TIMEOUT_S)
+                if not hmac.compare_digest(_recv(conn), token):
+                    return
+                conn.settimeout(None)
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                _send(conn, b"ok")
+                while True:
+                    jobs = pickle.loads(_recv(conn))
+                    holder = holder_ref()
+                    if holder is None:
+                        return
+                    try:
+                        answer = ("ok", holder.run(jobs))
+                    except Exception as exc:  # the client sends the pass to the actor instead
+                        answer = ("error", repr(exc))
+                    del holder
+                    _send(conn, pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL))
+            except (OSError, EOFError):  # the client closed the line, or went away
+                return
 
 
 class BlockHolder:
@@ -78,6 +182,11 @@ class BlockHolder:
                                      else None for d in (xs, ws, ys))
         self.source, self.stops = source, stops
         self.pool = ThreadPoolExecutor(len(groups)) if len(groups) > 1 else None
+
+    def line(self) -> tuple | None:
+        """Open a line for one client (:class:`_Line`): ``(host, port, token)``."""
+        line = _Line(self)
+        return (*line.address, line.token)
 
     def _group(self, members: list, kernel: Callable, params: dict, combine: Callable,
                fan_in: int) -> dict:
@@ -132,6 +241,7 @@ class Resident:
         self.stops = None if stops is None else [int(s) for s in stops]
         self.actors: dict | None = None  # worker address -> actor future, once created
         self.handles: dict | None = None
+        self.lines: dict | None = None  # worker address -> socket, in the order of handles
         self.closed = False
 
     def _create(self, loading: bool = False) -> None:
@@ -206,25 +316,87 @@ class Resident:
         except Exception as exc:
             self.close(exc)
             return False
+        self._open_lines()
         return True
+
+    def _open_lines(self) -> None:
+        """Connect to each actor's own line (:class:`_Line`) where every worker listens on a
+        loopback address; else, or on any trouble, passes go through the actors."""
+        if not dask.config.get(LINE_CONFIG_KEY, True) or not all(map(loopback, self.handles)):
+            return
+        lines = {}
+        try:
+            ends = {addr: h.line() for addr, h in self.handles.items()}
+            for addr, end in ends.items():
+                host, port, token = end.result()
+                sock = lines[addr] = socket.create_connection(
+                    (host, port), timeout=LINE_CONNECT_TIMEOUT_S)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                _send(sock, token)
+                if _recv(sock) != b"ok":
+                    raise ConnectionError(f"the line to {addr} refused its token")
+                sock.settimeout(None)
+        except Exception as exc:
+            _close_all(lines)
+            logger.info("resident passes through the actors, no lines: %r", exc)
+            return
+        self.lines = lines
+        weakref.finalize(self, _close_all, lines)
+
+    def _drop_lines(self, why: Any) -> None:
+        if self.lines is not None:
+            if why is not None:
+                logger.info("resident lines closed, passes through the actors: %s", why)
+            _close_all(self.lines)
+            self.lines = None
+
+    def _run_lines(self, jobs: list) -> list | None:
+        """Each actor's answer over its line, or None (the lines closed) on any trouble."""
+        import cloudpickle
+
+        try:
+            payload = cloudpickle.dumps(jobs, protocol=pickle.HIGHEST_PROTOCOL)
+            for sock in self.lines.values():
+                _send(sock, payload)
+            answers = [pickle.loads(_recv(sock)) for sock in self.lines.values()]
+        except Exception as exc:  # a worker gone, say: the actors' own calls tell
+            self._drop_lines(repr(exc))
+            return None
+        failed = [a[1] for a in answers if a[0] != "ok"]
+        if failed:  # a kernel's error: the actors' calls raise it as before
+            self._drop_lines(failed[0])
+            return None
+        return [a[1] for a in answers]
 
     def close(self, why: Any = None) -> None:
         """Let the actors go; later passes run as tasks."""
         if why is not None and not self.closed:
             logger.info("resident passes off, passes run as tasks: %s", why)
+        self._drop_lines(None)
         self.actors, self.handles, self.closed = None, None, True
 
     def run(self, jobs: Sequence[tuple]) -> list[list[dict]] | None:
         """Per job, every group's held subtrees; None when the actors cannot serve it."""
         if not self.ready():
             return None
+        answers = self._run_lines(list(jobs)) if self.lines is not None else None
         try:
-            calls = [actor.run(list(jobs)) for actor in self.handles.values()]
-            answers = [c.result() for c in calls]
+            if answers is None:
+                calls = [actor.run(list(jobs)) for actor in self.handles.values()]
+                answers = [c.result() for c in calls]
         except Exception as exc:  # a worker lost, an actor gone, a kernel's error: tasks decide
             self.close(exc)
             return None
         return [[part for answer in answers for part in answer[j]] for j in range(len(jobs))]
+
+
+def _close_all(lines: dict) -> None:
+    for sock in lines.values():
+        try:
+            sock.close()
+        except OSError:
+            pass
+    lines.clear()
 
 
 def create(blocks: Any) -> Resident | None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import pickle
 import signal
+import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -464,6 +466,119 @@ def test_cached_passes_run_on_resident_actors_with_the_same_bits(client, store, 
     while _actors_alive(client) and time.monotonic() < deadline:  # released with the fit
         time.sleep(0.05)
     assert _actors_alive(client) == 0
+
+
+@pytest.fixture
+def line_calls(monkeypatch):
+    """Records, per pass offered to resident lines, whether they served it."""
+    from dmlkit import _resident
+
+    served = []
+    original = _resident.Resident._run_lines
+
+    def spy(self, jobs):
+        out = original(self, jobs)
+        served.append(out is not None)
+        return out
+
+    monkeypatch.setattr(_resident.Resident, "_run_lines", spy)
+    return served
+
+
+def _lines_alive(client) -> int:
+    def count():
+        return sum(t.name == "dmlkit-resident-line" for t in threading.enumerate())
+
+    return sum(client.run(count).values())
+
+
+def test_resident_passes_go_over_lines_with_the_same_bits_and_the_lines_end_with_the_fit(
+        client, store, resident_calls, line_calls):
+    X, path = store
+    params = dict(init=X[:5].astype(np.float64), max_iter=8, tol=0, cache=True)
+    ours = KMeans(5, **params).fit(path)
+    # the test cluster listens on 127.0.0.1: every pass over the actors' own lines
+    assert line_calls == [True] * ours.n_passes_
+    assert resident_calls == [True] * ours.n_passes_
+    with dask.config.set({"dmlkit.resident-line": False}):
+        actors = KMeans(5, **params).fit(path)
+    assert line_calls == [True] * ours.n_passes_  # none offered when turned off
+    assert resident_calls == [True] * (ours.n_passes_ + actors.n_passes_)  # by the actors
+    assert_array_equal(ours.cluster_centers_, actors.cluster_centers_)
+    assert ours.inertia_ == actors.inertia_
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while (_lines_alive(client) or _actors_alive(client)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _lines_alive(client) == 0  # the client closed them with the fit...
+    assert _actors_alive(client) == 0  # ...and the lines' threads kept no actor alive
+
+
+class _Echo:
+    """Stands for a BlockHolder: answers a pass with its jobs, or raises on "boom"."""
+
+    def run(self, jobs):
+        if jobs == ["boom"]:
+            raise ValueError("boom")
+        return jobs
+
+
+def _connect(line, token):
+    from dmlkit import _resident
+
+    sock = socket.create_connection(line.address, timeout=5)
+    _resident._send(sock, token)
+    return sock
+
+
+def test_a_line_serves_its_client_and_reports_a_kernel_error():
+    from dmlkit import _resident
+
+    holder = _Echo()
+    line = _resident._Line(holder)
+    sock = _connect(line, line.token)
+    assert _resident._recv(sock) == b"ok"
+    _resident._send(sock, pickle.dumps([("a", 1)]))
+    assert pickle.loads(_resident._recv(sock)) == ("ok", [("a", 1)])
+    _resident._send(sock, pickle.dumps(["boom"]))
+    status, why = pickle.loads(_resident._recv(sock))
+    assert status == "error" and "boom" in why
+    sock.close()
+
+
+def test_a_line_refuses_a_wrong_token_and_keeps_no_holder_alive():
+    import weakref
+
+    from dmlkit import _resident
+
+    holder = _Echo()
+    line = _resident._Line(holder)
+    sock = _connect(line, b"x" * 32)
+    with pytest.raises((EOFError, OSError)):  # closed without a word
+        _resident._recv(sock)
+    sock.close()
+    # a line whose holder has gone answers nothing and ends
+    other = _resident._Line(holder)
+    ref = weakref.ref(holder)
+    sock = _connect(other, other.token)
+    assert _resident._recv(sock) == b"ok"
+    del holder
+    gc.collect()
+    assert ref() is None  # the line's thread holds it weakly
+    _resident._send(sock, pickle.dumps([("a", 1)]))
+    with pytest.raises((EOFError, OSError)):
+        _resident._recv(sock)
+    sock.close()
+
+
+@pytest.mark.parametrize("address, expected", [
+    ("tcp://127.0.0.1:8786", True), ("tcp://127.0.0.5:1", True), ("tcp://localhost:1", True),
+    ("tcp://[::1]:8786", True), ("tcp://10.0.0.3:8786", False), ("tls://127.0.0.1:8786", False),
+    ("inproc://127.0.0.1/1/1", False), ("tcp://node12:8786", False)])
+def test_lines_open_only_to_plain_tcp_workers_on_loopback(address, expected):
+    from dmlkit import _resident
+
+    assert _resident.loopback(address) is expected
 
 
 def test_a_kernel_error_on_resident_actors_is_raised_by_the_tasks(client, store, resident_calls):
