@@ -425,21 +425,26 @@ def test_kmeans_caches_feature_major_and_agrees_with_a_streamed_fit(client, tmp_
     assert_array_equal(cached.labels_.compute(), streamed.labels_.compute())
 
 
-@pytest.fixture
-def resident_calls(monkeypatch):
-    """Records, per pass offered to resident actors, whether they served it."""
+def _served(monkeypatch, method: str) -> list:
+    """Records, per pass offered to ``Resident.<method>``, whether it served it."""
     from dmlkit import _resident
 
     served = []
-    original = _resident.Resident.run
+    original = getattr(_resident.Resident, method)
 
     def spy(self, jobs):
         out = original(self, jobs)
         served.append(out is not None)
         return out
 
-    monkeypatch.setattr(_resident.Resident, "run", spy)
+    monkeypatch.setattr(_resident.Resident, method, spy)
     return served
+
+
+@pytest.fixture
+def resident_calls(monkeypatch):
+    """Records, per pass offered to resident actors, whether they served it."""
+    return _served(monkeypatch, "run")
 
 
 def _actors_alive(client) -> int:
@@ -470,19 +475,8 @@ def test_cached_passes_run_on_resident_actors_with_the_same_bits(client, store, 
 
 @pytest.fixture
 def line_calls(monkeypatch):
-    """Records, per pass offered to resident lines, whether they served it."""
-    from dmlkit import _resident
-
-    served = []
-    original = _resident.Resident._run_lines
-
-    def spy(self, jobs):
-        out = original(self, jobs)
-        served.append(out is not None)
-        return out
-
-    monkeypatch.setattr(_resident.Resident, "_run_lines", spy)
-    return served
+    """Records, per pass offered to the actors' lines, whether they served it."""
+    return _served(monkeypatch, "_run_lines")
 
 
 def _lines_alive(client) -> int:
