@@ -53,6 +53,7 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
+import cloudpickle
 import dask
 import numpy as np
 
@@ -183,7 +184,7 @@ class BlockHolder:
         self.source, self.stops = source, stops
         self.pool = ThreadPoolExecutor(len(groups)) if len(groups) > 1 else None
 
-    def line(self) -> tuple | None:
+    def line(self) -> tuple:
         """Open a line for one client (:class:`_Line`): ``(host, port, token)``."""
         line = _Line(self)
         return (*line.address, line.token)
@@ -352,8 +353,6 @@ class Resident:
 
     def _run_lines(self, jobs: list) -> list | None:
         """Each actor's answer over its line, or None (the lines closed) on any trouble."""
-        import cloudpickle
-
         try:
             payload = cloudpickle.dumps(jobs, protocol=pickle.HIGHEST_PROTOCOL)
             for sock in self.lines.values():
