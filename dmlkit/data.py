@@ -9,8 +9,10 @@ along features. Validation here reads metadata only; checks on the values
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
+import threading
 import warnings
 from collections import Counter
 from typing import Any, Sequence
@@ -22,6 +24,8 @@ import numpy as np
 
 from dmlkit import _store
 from dmlkit._kernels.kmeans import to_feature_major
+
+logger = logging.getLogger(__name__)
 
 #: Target bytes per row block when a NumPy array is wrapped as a dask array.
 DEFAULT_CHUNK_BYTES = 16 * 2**20
@@ -558,10 +562,12 @@ def persist_placed(arrays: Sequence[da.Array | None], client,
     on every thread, and a kernel that also reads ``y`` or the weights finds
     them next to ``X``'s block instead of fetching them from another worker.
     Blocks are read where they are kept, so loading moves no data between
-    workers either. The placement is a preference: if a worker dies, its
-    blocks are recomputed on another one (from the source; data scattered
-    from the client cannot be). If ``X`` itself is already persisted it stays
-    where it is (no copy), and so do the other arrays that are; the others are
+    workers either. The placement is a preference, lifted once the blocks are
+    computed (:func:`_unrestrict_when_placed`): if a worker dies, its blocks
+    are recomputed on another one, or on the worker that replaces it (from
+    the source; data scattered from the client cannot be). If ``X`` itself
+    is already persisted it stays where it is (no copy), and so do the other
+    arrays that are; the others are
     computed next to ``X``'s blocks (a resident pass's actors fetch the few
     blocks of ``y`` or the weights held elsewhere once, when they start). Unless
     its workers hold uneven shares of its rows (:func:`rebalanced`) and it is
@@ -622,6 +628,7 @@ def persist_placed(arrays: Sequence[da.Array | None], client,
             sources.append([Delayed(key, optimized) for key in keys[j]])
     futures = [[held[j].get(key) if sources[j] is None else None for key in keys[j]]
                for j in range(len(live))]
+    placed_keys, placed_futures = set(), []
     # per worker, one persist of every block it is to hold: the row vectors' blocks
     # first (a higher priority), so that none waits behind a long read of X's block,
     # where the scheduler's work stealing could move it away from X's block
@@ -649,8 +656,11 @@ def persist_placed(arrays: Sequence[da.Array | None], client,
             done = client.persist([Delayed(key, graph) for key in wanted], workers=[addr],
                                   allow_other_workers=True, optimize_graph=False,
                                   priority=priority)
+            placed_keys.update(k for k in graph if not any(k in h for h in held))
             for (j, i), value in zip(todo, done):
                 (futures[j][i],) = futures_of(value)
+                placed_futures.append(futures[j][i])
+    _unrestrict_when_placed(client, placed_futures, placed_keys)
     out = []
     for j, (a, name) in enumerate(zip(live, names)):
         layer = {f.key: f for f in futures[j]}
@@ -663,6 +673,52 @@ def persist_placed(arrays: Sequence[da.Array | None], client,
         out.append(placed)
     it = iter(out)
     return [None if a is None else next(it) for a in arrays]
+
+
+def _unrestrict_when_placed(client, futures: Sequence, keys: set) -> None:
+    """Lift the worker restrictions of the placed tasks ``keys`` once all of ``futures`` are
+    done (a callback; this returns at once).
+
+    The placement only matters when the blocks are first computed. Afterwards
+    a block lost with its worker is recomputed wherever the scheduler likes,
+    as loose restrictions to a worker that has gone allow. Except when no
+    worker is running at that moment (a one-worker cluster whose worker
+    restarts, or every worker replaced): the tasks then wait in the
+    scheduler's ``no-worker`` state, and distributed only hands such a task
+    to a worker that joins if its restrictions allow that worker. Without
+    restrictions any worker does; with them to a departed worker, the task
+    would wait for ever.
+    """
+    if not futures or getattr(client, "asynchronous", False):
+        return
+    lock, pending = threading.Lock(), [len(futures)]
+    names = list(keys)
+
+    def done(_):
+        with lock:
+            pending[0] -= 1
+            if pending[0]:
+                return
+        try:
+            client.run_on_scheduler(_unrestrict, names)
+        except Exception as error:  # a closed client, say: the restrictions stay
+            logger.debug("placed tasks keep their worker restrictions: %r", error)
+
+    for future in futures:
+        future.add_done_callback(done)
+
+
+def _unrestrict(keys: Sequence, dask_scheduler=None) -> int:
+    """On the scheduler: drop the worker restrictions of the tasks ``keys`` that it still
+    knows; returns how many it changed."""
+    changed = 0
+    for key in keys:
+        ts = dask_scheduler.tasks.get(key)
+        if ts is not None and ts.worker_restrictions is not None:
+            ts.worker_restrictions = None
+            ts.loose_restrictions = False
+            changed += 1
+    return changed
 
 
 def _same_block(block):

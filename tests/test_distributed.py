@@ -190,6 +190,61 @@ def test_worker_killed_during_logistic_fit_changes_nothing(client, classificatio
     assert victim not in client.scheduler_info()["workers"]
 
 
+def test_a_one_worker_cluster_whose_worker_dies_mid_fit_finishes_on_its_replacement(store):
+    """While no worker runs, the lost blocks' tasks wait in the scheduler's ``no-worker``
+    state; the worker the nanny starts in place of the dead one computes them again
+    (which restrictions to the dead worker would prevent for ever)."""
+    X, path = store
+    params = dict(init=X[:5].astype(np.float64), max_iter=8, tol=0, cache=True)
+    with _synchronous():
+        ref = KMeans(5, **params).fit(path)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=":0", memory_limit="2GiB") as cluster, \
+            Client(cluster) as one:
+        (victim,) = one.scheduler_info()["workers"]
+        pid = one.run(os.getpid)[victim]
+        calls = {"n": 0}
+        original = K.update_centers
+
+        def update_and_sabotage(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                _kill(pid, True, 0)  # gone before the next pass starts
+            return original(*args, **kwargs)
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(K, "update_centers", update_and_sabotage)
+            km = KMeans(5, **params).fit(path)
+        assert calls["n"] == 8
+        assert victim not in one.scheduler_info()["workers"]
+    assert_array_equal(km.cluster_centers_, ref.cluster_centers_)
+    assert km.inertia_ == ref.inertia_
+
+
+def _restricted(keys, dask_scheduler=None) -> list:
+    return [k for k in keys if k in dask_scheduler.tasks
+            and dask_scheduler.tasks[k].worker_restrictions is not None]
+
+
+def test_placed_blocks_lose_their_worker_restrictions_once_computed(client, store):
+    from distributed import futures_of, wait
+
+    from dmlkit import data
+
+    X, path = store
+    Xd = data.as_matrix(path)
+    with placement_as_asked(client):
+        (Xp,) = data.persist_placed([Xd], client)
+        keys = [f.key for f in futures_of(Xp)]
+        wait(futures_of(Xp))
+        deadline = time.monotonic() + 10  # lifted by a callback, just after
+        while client.run_on_scheduler(_restricted, keys) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert client.run_on_scheduler(_restricted, keys) == []
+        assert len(set(client.who_has(futures_of(Xp)).values())) == 2  # placed first
+    assert_array_equal(Xp.compute(), X)
+
+
 def test_streamed_kmeans_passes_read_the_store_on_resident_actors(client, tmp_path,
                                                                   resident_calls):
     from dmlkit.datasets import make_blobs
