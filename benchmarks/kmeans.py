@@ -295,7 +295,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-dask-ml", action="store_true")
     p.add_argument("--skip-default-init", action="store_true",
                    help="skip the fits with each library's own k-means|| initialisation")
-    p.add_argument("--repeat", type=int, default=3,
-                   help="scikit-learn and dmlkit cached fits, in turn (medians reported)")
+    p.add_argument("--repeat", type=int, default=5,
+                   help="rounds of scikit-learn and dmlkit cached fits in turn, and of dmlkit "
+                        "and dask-ml fits in turn (medians reported)")
     p.add_argument("--float64-reference", action="store_true",
                    help="also fit scikit-learn on a float64 copy (needs 3x the memory of X)")
