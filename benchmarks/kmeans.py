@@ -167,53 +167,37 @@ def run(args: argparse.Namespace) -> dict:
             else:
                 from distributed import wait
 
+                def rounds(X, where: str, key: str, notes: tuple[str, str]) -> None:
+                    # dmlkit and dask-ml in turn, --repeat rounds (this machine's speed drifts
+                    # over a run): the ratio of each round is measured side by side
+                    fits = []
+                    for rep in range(args.repeat):
+                        km = dmlkit.KMeans(args.k, init=init, max_iter=it, tol=0)
+                        km_s = timed(lambda: km.fit(X))[0]
+                        dm = DMKMeans(n_clusters=args.k, init=init, max_iter=it, tol=0)
+                        dm_s = timed(lambda: dm.fit(X))[0]
+                        fits.append((km_s, km, dm_s, dm))
+                        print(f"  round {rep + 1}, {where}: dmlkit {km_s:.2f} s, dask-ml "
+                              f"{dm_s:.2f} s: {dm_s / km_s:.1f}x", flush=True)
+                    results[key] = [{"dmlkit_seconds": a, "dask_ml_seconds": c}
+                                    for a, _, c, _ in fits]
+                    for name, i, note in (("dmlkit", 0, notes[0]), ("dask-ml", 2, notes[1])):
+                        secs, model = _middle([(f[i], f[i + 1]) for f in fits])
+                        record(f"{name} KMeans ({where})", secs, model.n_iter_, model.inertia_,
+                               note=f"{note}; median of {args.repeat} fits"
+                                    + (", in turn with dmlkit's" if i else ""))
+
                 # both given the same dask array over the Zarr store, as a user passes data
                 # that lives in a store: dask-ml reads it every iteration, dmlkit caches it
-                Xs = da.from_zarr(str(path), component="X")
-                fits = []
-                for rep in range(args.repeat):
-                    km = dmlkit.KMeans(args.k, init=init, max_iter=it, tol=0)
-                    km_s = timed(lambda: km.fit(Xs))[0]
-                    dm = DMKMeans(n_clusters=args.k, init=init, max_iter=it, tol=0)
-                    dm_s = timed(lambda: dm.fit(Xs))[0]
-                    fits.append((km_s, km, dm_s, dm))
-                    print(f"  round {rep + 1}, from the store: dmlkit {km_s:.2f} s, dask-ml "
-                          f"{dm_s:.2f} s: {dm_s / km_s:.1f}x", flush=True)
-                results["dask_ml_store_rounds"] = [{"dmlkit_seconds": a, "dask_ml_seconds": c}
-                                                   for a, _, c, _ in fits]
-                secs, km = _middle([(f[0], f[1]) for f in fits])
-                record("dmlkit KMeans (from the Zarr store)", secs, km.n_iter_, km.inertia_,
-                       note=f"the dask array over the store; median of {args.repeat} fits")
-                secs, dm = _middle([(f[2], f[3]) for f in fits])
-                record("dask-ml KMeans (from the Zarr store)", secs, dm.n_iter_, dm.inertia_,
-                       note=f"the same dask array; median of {args.repeat} fits, in turn with "
-                            "dmlkit's")
-                del Xs
-
+                rounds(da.from_zarr(str(path), component="X"), "from the Zarr store",
+                       "dask_ml_store_rounds", ("the dask array over the store",
+                                                "the same dask array"))
                 # both on the store's chunks persisted in the workers' memory first (not timed),
                 # as dask-ml's documentation advises
                 Xd = da.from_zarr(str(path), component="X").persist()
                 wait(Xd)
-                # dmlkit and dask-ml in turn, --repeat rounds (this machine's speed drifts
-                # over a run): the ratio of each round is measured side by side
-                fits = []
-                for rep in range(args.repeat):
-                    km = dmlkit.KMeans(args.k, init=init, max_iter=it, tol=0)
-                    km_s = timed(lambda: km.fit(Xd))[0]
-                    dm = DMKMeans(n_clusters=args.k, init=init, max_iter=it, tol=0)
-                    dm_s = timed(lambda: dm.fit(Xd))[0]
-                    fits.append((km_s, km, dm_s, dm))
-                    print(f"  round {rep + 1}, persisted: dmlkit {km_s:.2f} s, dask-ml "
-                          f"{dm_s:.2f} s: {dm_s / km_s:.1f}x", flush=True)
-                results["dask_ml_rounds"] = [{"dmlkit_seconds": a, "dask_ml_seconds": c}
-                                             for a, _, c, _ in fits]
-                secs, km = _middle([(f[0], f[1]) for f in fits])
-                record("dmlkit KMeans (in the workers' memory)", secs, km.n_iter_, km.inertia_,
-                       note=f"X persisted first, as for dask-ml; median of {args.repeat} fits")
-                secs, dm = _middle([(f[2], f[3]) for f in fits])
-                record("dask-ml KMeans (in the workers' memory)", secs, dm.n_iter_, dm.inertia_,
-                       note=f"X persisted first; median of {args.repeat} fits, in turn with "
-                            "dmlkit's")
+                rounds(Xd, "in the workers' memory", "dask_ml_rounds",
+                       ("X persisted first, as for dask-ml", "X persisted first"))
                 if not args.skip_default_init:
                     # each library's own initialisation (k-means||, its default), timed too
                     km = dmlkit.KMeans(args.k, max_iter=it, tol=0, random_state=0)
@@ -295,20 +279,14 @@ def report(results: dict) -> str:
         diffs = ", ".join(f"{r['method']} {abs(r['inertia'] - f64) / f64:.1e}"
                           for r in results["rows"] if "reference" not in r["method"])
         lines.append(f"- relative inertia difference from the float64 reference: {diffs}")
-    if "dask_ml_fit_vs_fit_from_store" in s:
-        lines.append("- dask-ml fit time / dmlkit fit time, both given the same dask array over "
-                     f"the Zarr store: {s['dask_ml_fit_vs_fit_from_store']:.1f}x (median of "
-                     f"{len(s['dask_ml_fit_vs_fit_from_store_rounds'])} rounds, one fit of each "
-                     "in turn; per round: "
-                     + ", ".join(f"{r:.1f}x" for r in s["dask_ml_fit_vs_fit_from_store_rounds"])
-                     + ")")
-    if "dask_ml_fit_vs_in_memory_fit" in s:
-        lines.append("- dask-ml fit time / dmlkit fit time, both on X persisted in the workers' "
-                     f"memory first: {s['dask_ml_fit_vs_in_memory_fit']:.1f}x (median of "
-                     f"{len(s['dask_ml_fit_vs_in_memory_fit_rounds'])} rounds, one fit of each "
-                     "in turn; per round: "
-                     + ", ".join(f"{r:.1f}x" for r in s["dask_ml_fit_vs_in_memory_fit_rounds"])
-                     + ")")
+    for key, both in (("dask_ml_fit_vs_fit_from_store", "given the same dask array over the "
+                       "Zarr store"),
+                      ("dask_ml_fit_vs_in_memory_fit", "on X persisted in the workers' memory "
+                       "first")):
+        if key in s:
+            lines.append(f"- dask-ml fit time / dmlkit fit time, both {both}: {s[key]:.1f}x "
+                         f"(median of {len(s[key + '_rounds'])} rounds, one fit of each in turn; "
+                         "per round: " + ", ".join(f"{r:.1f}x" for r in s[key + "_rounds"]) + ")")
     if "dask_ml_vs_dmlkit_own_init" in s:
         lines.append("- the same with each library's own k-means|| initialisation, init "
                      f"included: {s['dask_ml_vs_dmlkit_own_init']:.1f}x (the inertia differs "
